@@ -1,0 +1,34 @@
+"""fastgfn: fused kernels and a DeepSpeed engine for GFlowNet fine-tuning of language models.
+
+Importing fastgfn pulls in torch only (no triton, transformers or deepspeed).
+"""
+
+from fastgfn._validation import set_debug
+from fastgfn.losses import (
+    DBLoss,
+    SubTBLoss,
+    TBLoss,
+    VarGradLoss,
+    db_loss,
+    subtb_loss,
+    tb_loss,
+    trajectory_log_ratio,
+    vargrad_log_z,
+    vargrad_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DBLoss",
+    "SubTBLoss",
+    "TBLoss",
+    "VarGradLoss",
+    "db_loss",
+    "set_debug",
+    "subtb_loss",
+    "tb_loss",
+    "trajectory_log_ratio",
+    "vargrad_log_z",
+    "vargrad_loss",
+]

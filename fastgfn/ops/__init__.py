@@ -1,0 +1,1 @@
+"""Registered torch ops (``torch.ops.fastgfn.*``) with autograd, fake tensors and dispatch."""

@@ -1,0 +1,136 @@
+"""The SubTB pair-sum op: registration, backend dispatch and autograd.
+
+``torch.ops.fastgfn.subtb_pair_sums(log_pf, log_pterm, log_r, lengths, lam, backend)`` returns
+per-sequence ``(num, den)`` (DESIGN.md §2.2; see ``fastgfn.reference.subtb``). Every loss in
+``fastgfn.losses`` that sums over sub-trajectories reduces these two vectors.
+
+Layering: the public loss functions validate arguments and resolve ``backend='auto'`` to one
+implementation *before* calling the op, so dispatch happens outside autograd and the op is a
+single opaque node for ``torch.compile``. The op's forward and backward are themselves
+registered ops; each calls the reference (float64), the C++ kernel or the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgfn._extension import require_cpu_kernels
+from fastgfn.reference.subtb import (
+    subtb_pair_sums_backward_reference,
+    subtb_pair_sums_reference,
+)
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Output dtype of num/den: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend implementations
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward_reference(log_pf, log_pterm, log_r, lengths, lam):
+    num, den = subtb_pair_sums_reference(log_pf, log_pterm, log_r, lengths, lam)
+    dtype = _acc_dtype(log_pf, log_pterm, log_r)
+    return num.to(dtype), den.to(dtype)
+
+
+def _backward_reference(grad_num, log_pf, log_pterm, log_r, lengths, lam):
+    grads = subtb_pair_sums_backward_reference(grad_num, log_pf, log_pterm, log_r, lengths, lam)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (log_pf, log_pterm, log_r)))
+
+
+def _forward_cpp(log_pf, log_pterm, log_r, lengths, lam):
+    require_cpu_kernels()
+    return torch.ops.fastgfn_cpu.subtb_forward(log_pf, log_pterm, log_r, lengths, lam)
+
+
+def _backward_cpp(grad_num, log_pf, log_pterm, log_r, lengths, lam):
+    require_cpu_kernels()
+    return torch.ops.fastgfn_cpu.subtb_backward(grad_num, log_pf, log_pterm, log_r, lengths, lam)
+
+
+def _forward_triton(log_pf, log_pterm, log_r, lengths, lam):
+    from fastgfn.kernels import subtb_triton
+
+    return subtb_triton.subtb_forward(log_pf, log_pterm, log_r, lengths, lam)
+
+
+def _backward_triton(grad_num, log_pf, log_pterm, log_r, lengths, lam):
+    from fastgfn.kernels import subtb_triton
+
+    return subtb_triton.subtb_backward(grad_num, log_pf, log_pterm, log_r, lengths, lam)
+
+
+_FORWARD = {"reference": _forward_reference, "cpp": _forward_cpp, "triton": _forward_triton}
+_BACKWARD = {"reference": _backward_reference, "cpp": _backward_cpp, "triton": _backward_triton}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastgfn::subtb_pair_sums", mutates_args=())
+def subtb_pair_sums(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_r: torch.Tensor,
+    lengths: torch.Tensor,
+    lam: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence ``num = sum w res^2`` and ``den = sum w`` over sub-trajectories.
+
+    ``backend`` must already be resolved ('reference', 'cpp' or 'triton').
+    """
+    num, den = _FORWARD[backend](log_pf, log_pterm, log_r, lengths, lam)
+    return num, den
+
+
+@subtb_pair_sums.register_fake
+def _(log_pf, log_pterm, log_r, lengths, lam, backend):
+    dtype = _acc_dtype(log_pf, log_pterm, log_r)
+    B = log_pf.shape[0]
+    return log_pf.new_empty((B,), dtype=dtype), log_pf.new_empty((B,), dtype=dtype)
+
+
+@torch.library.custom_op("fastgfn::subtb_pair_sums_backward", mutates_args=())
+def subtb_pair_sums_backward(
+    grad_num: torch.Tensor,
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_r: torch.Tensor,
+    lengths: torch.Tensor,
+    lam: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_b grad_num[b] * num[b]`` w.r.t. log_pf, log_pterm and log_r."""
+    d_pf, d_pt, d_r = _BACKWARD[backend](grad_num, log_pf, log_pterm, log_r, lengths, lam)
+    return d_pf, d_pt, d_r
+
+
+@subtb_pair_sums_backward.register_fake
+def _(grad_num, log_pf, log_pterm, log_r, lengths, lam, backend):
+    return torch.empty_like(log_pf), torch.empty_like(log_pterm), torch.empty_like(log_r)
+
+
+def _setup_context(ctx, inputs, output):
+    log_pf, log_pterm, log_r, lengths, lam, backend = inputs
+    ctx.save_for_backward(log_pf, log_pterm, log_r, lengths)
+    ctx.lam = lam
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_num, grad_den):
+    # den depends only on lengths and lam: it carries no gradient.
+    log_pf, log_pterm, log_r, lengths = ctx.saved_tensors
+    d_pf, d_pt, d_r = subtb_pair_sums_backward(
+        grad_num, log_pf, log_pterm, log_r, lengths, ctx.lam, ctx.backend
+    )
+    return d_pf, d_pt, d_r, None, None, None
+
+
+subtb_pair_sums.register_autograd(_backward, setup_context=_setup_context)

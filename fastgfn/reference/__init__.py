@@ -1,0 +1,1 @@
+"""Readable pure-PyTorch references: the oracle for every backend and the fallback on CPU."""
