@@ -1,15 +1,19 @@
 """Test configuration. The Triton interpreter must be switched on before any @triton.jit runs,
-so that the GPU kernels execute on CPU tensors in CI; on a machine with a GPU set
-FASTGFN_TEST_NATIVE_TRITON=1 to run them natively instead."""
+so that the GPU kernels execute on CPU tensors in CI. On a machine with a CUDA GPU the Triton
+tests run natively instead (force either way with FASTGFN_TEST_NATIVE_TRITON=1 or =0)."""
 
 import os
 
-if os.environ.get("FASTGFN_TEST_NATIVE_TRITON") != "1":
+import torch
+
+_native = os.environ.get("FASTGFN_TEST_NATIVE_TRITON")
+if _native == "1" or (_native is None and torch.cuda.is_available()):
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def triton_device() -> str:
