@@ -32,3 +32,19 @@ __all__ = [
     "vargrad_log_z",
     "vargrad_loss",
 ]
+
+from fastgfn.ops.logprobs import (  # noqa: E402
+    LinearTokenLogProbs,
+    TokenLogProbs,
+    TokenLogProbsLayer,
+    linear_token_logprobs,
+    token_logprobs,
+)
+
+__all__ += [
+    "LinearTokenLogProbs",
+    "TokenLogProbs",
+    "TokenLogProbsLayer",
+    "linear_token_logprobs",
+    "token_logprobs",
+]

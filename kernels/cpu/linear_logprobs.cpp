@@ -1,0 +1,211 @@
+// Per-token log-probs fused with the lm_head, CPU kernels: z = h W^T + b is formed one tile of
+// kBlockN tokens x kBlockV vocabulary entries at a time (BLAS through at::addmm on slices) and
+// reduced on the spot (logprobs_common.h, DESIGN §2.1), so the [N, V] logits never exist, in
+// the forward or the backward pass.
+//
+// Forward: work items are (token tile, vocabulary group); each walks its vocabulary chunks
+// with an online logsumexp / entropy merge. Without a softcap the whole affine part folds into
+// one GEMM: z' = (h W^T + b) / tau + beta = addmm(b / tau + beta, h, W^T, alpha = 1 / tau).
+//
+// Backward: recompute each logit tile from h, W and the saved per-row lse (and entropy), form
+// dz (logprobs_common.h), and accumulate
+//     dW[v0:v1] += dz^T h_tile,   db[v0:v1] += sum_rows dz,   dh_tile += dz W[v0:v1].
+// Threads own vocabulary chunks, so each chunk of dW (and db) is accumulated by one thread in
+// fp32 (double for double inputs) over all token tiles and written once; dh is accumulated in a
+// per-thread [N, H] buffer in the compute dtype and the buffers are summed at the end. Memory:
+// O(threads * (N H + tile)), never O(N V).
+#include <torch/library.h>
+
+#include "logprobs_common.h"
+
+namespace {
+
+using namespace fastgfn_logprobs;
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                  const at::Tensor& extra_ids, const c10::optional<at::Tensor>& vocab_bias) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be [N, H]");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), "weight must be [V, H]");
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(),
+              "fastgfn_cpu::linear_logprobs expects CPU tensors");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == hidden.size(0), "target must be [N]");
+  TORCH_CHECK(extra_ids.dim() == 1, "extra_ids must be [K]");
+  const int64_t V = weight.size(0);
+  if (bias.has_value()) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "bias must be [V]");
+  if (vocab_bias.has_value())
+    TORCH_CHECK(vocab_bias->dim() == 1 && vocab_bias->size(0) == V, "vocab_bias must be [V]");
+}
+
+// Produces transformed logit tiles z'[r0:r1, v0:v1] from hidden states and the lm_head.
+struct LinearTiles {
+  at::Tensor h;                  // [N, H], compute dtype, contiguous
+  const at::Tensor& weight;      // [V, H], any float dtype
+  c10::optional<at::Tensor> b;   // lm_head bias, compute dtype (softcap path)
+  c10::optional<at::Tensor> c;   // b / tau + beta (no-softcap path), compute dtype
+  c10::optional<at::Tensor> beta;
+  Params P;
+  at::ScalarType cdt;
+
+  at::Tensor weight_chunk(int64_t v0, int64_t v1) const {
+    at::Tensor w = weight.slice(0, v0, v1);
+    return w.scalar_type() == cdt && w.is_contiguous() ? w : w.to(cdt).contiguous();
+  }
+
+  at::Tensor operator()(int64_t r0, int64_t r1, int64_t v0, int64_t v1, const at::Tensor& w,
+                        at::Tensor* tanh_out) const {
+    at::Tensor ht = h.slice(0, r0, r1);
+    if (P.softcap > 0.0) {
+      at::Tensor z = b.has_value() ? at::addmm(b->slice(0, v0, v1), ht, w.t()) : at::mm(ht, w.t());
+      c10::optional<at::Tensor> bc;
+      if (beta.has_value()) bc = beta->slice(0, v0, v1);
+      transform_tile(z, bc, P, tanh_out);
+      return z;
+    }
+    if (c.has_value()) return at::addmm(c->slice(0, v0, v1), ht, w.t(), 1.0, P.inv_tau);
+    at::Tensor z = at::mm(ht, w.t());
+    if (P.inv_tau != 1.0) z.mul_(P.inv_tau);
+    return z;
+  }
+};
+
+LinearTiles make_tiles(const at::Tensor& hidden, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias,
+                       const c10::optional<at::Tensor>& vocab_bias, const Params& P,
+                       at::ScalarType cdt) {
+  LinearTiles t{hidden.to(cdt).contiguous(), weight, {}, {}, {}, P, cdt};
+  if (vocab_bias.has_value()) t.beta = vocab_bias->to(cdt).contiguous();
+  if (bias.has_value()) t.b = bias->to(cdt).contiguous();
+  if (P.softcap <= 0.0 && (t.b.has_value() || t.beta.has_value())) {
+    at::Tensor c = t.b.has_value() ? t.b->mul(P.inv_tau) : at::zeros({weight.size(0)},
+                                                                     t.h.options());
+    if (t.beta.has_value()) c.add_(*t.beta);
+    t.c = c.contiguous();
+  }
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target_in, const at::Tensor& extra_in,
+    const c10::optional<at::Tensor>& vocab_bias, double temperature, double softcap,
+    int64_t ignore_index, bool entropy) {
+  check_inputs(hidden, weight, bias, target_in, extra_in, vocab_bias);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const auto cdt = compute_dtype(hidden.scalar_type());
+  const auto target = target_in.to(at::kLong).contiguous();
+  const auto extra = extra_in.to(at::kLong).contiguous();
+  const int64_t K = extra.size(0);
+  Params P{1.0 / temperature, softcap, ignore_index};
+  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, P, cdt);
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_linear_logprobs_forward", [&] {
+    auto stats = forward_driver<scalar_t>(
+        N, V, target.data_ptr<int64_t>(), extra.data_ptr<int64_t>(), K, entropy,
+        [&](int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
+          return tiles(r0, r1, v0, v1, tiles.weight_chunk(v0, v1), nullptr);
+        });
+    out = pack_outputs(stats, target.data_ptr<int64_t>(), N, K, ignore_index, entropy,
+                       hidden.options().dtype(cdt));
+  });
+  return {out[0], out[1], out[2], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
+    const at::Tensor& grad_logp, const at::Tensor& grad_extra,
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& grad_lse,
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target_in, const at::Tensor& extra_in,
+    const c10::optional<at::Tensor>& vocab_bias, const at::Tensor& lse_in,
+    const at::Tensor& entropy_in, double temperature, double softcap, int64_t ignore_index,
+    bool need_hidden, bool need_weight, bool need_bias) {
+  check_inputs(hidden, weight, bias, target_in, extra_in, vocab_bias);
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto cdt = compute_dtype(hidden.scalar_type());
+  const auto target = target_in.to(at::kLong).contiguous();
+  const auto extra = extra_in.to(at::kLong).contiguous();
+  const int64_t K = extra.size(0);
+  Params P{1.0 / temperature, softcap, ignore_index};
+  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, P, cdt);
+
+  const auto lse = lse_in.to(cdt).contiguous();
+  const auto G = row_coefficient(grad_logp, grad_extra, grad_lse, target, ignore_index, cdt);
+  at::Tensor gH, ent;
+  if (grad_entropy.has_value() && grad_entropy->numel() == N) {
+    gH = grad_entropy->to(cdt).contiguous();
+    ent = entropy_in.to(cdt).contiguous();
+  }
+  const auto gy = grad_logp.to(cdt).contiguous();
+  const auto ge = grad_extra.to(cdt).contiguous();
+  const auto copts = tiles.h.options();
+
+  at::Tensor dW = need_weight ? at::empty({V, H}, weight.options()) : at::Tensor();
+  at::Tensor db = need_bias ? at::empty({V}, bias.has_value() ? bias->options() : copts)
+                            : at::Tensor();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<at::Tensor> dh_parts(threads);
+  const int64_t nt = ceil_div(N, kBlockN), nc = ceil_div(V, kBlockV);
+
+  AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_linear_logprobs_backward", [&] {
+    const scalar_t* gyp = gy.data_ptr<scalar_t>();
+    const scalar_t* gep = ge.data_ptr<scalar_t>();
+    const int64_t* tp = target.data_ptr<int64_t>();
+    const int64_t* ep = extra.data_ptr<int64_t>();
+    at::parallel_for(0, nc, 1, [&](int64_t begin, int64_t end) {
+      const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+      if (need_hidden && !dh_parts[tid].defined()) dh_parts[tid] = at::zeros({N, H}, copts);
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV), bv = v1 - v0;
+        const at::Tensor w = tiles.weight_chunk(v0, v1);
+        at::Tensor dw_acc = need_weight ? at::zeros({bv, H}, copts) : at::Tensor();
+        at::Tensor db_acc = need_bias ? at::zeros({bv}, copts) : at::Tensor();
+        for (int64_t ti = 0; ti < nt; ++ti) {
+          const int64_t r0 = ti * kBlockN, r1 = std::min(N, r0 + kBlockN);
+          at::Tensor t;
+          at::Tensor x = tiles(r0, r1, v0, v1, w, softcap > 0.0 ? &t : nullptr);
+          at::Tensor dz = tile_backward<scalar_t>(x, t, r0, r1, v0, v1, lse, ent, G, gH, tp,
+                                                  gyp, ep, K, gep, P);
+          const at::Tensor ht = tiles.h.slice(0, r0, r1);
+          if (need_weight) dw_acc.addmm_(dz.t(), ht);
+          if (need_bias) db_acc.add_(dz.sum(0));
+          if (need_hidden) dh_parts[tid].slice(0, r0, r1).addmm_(dz, w);
+        }
+        if (need_weight) dW.slice(0, v0, v1).copy_(dw_acc);
+        if (need_bias) db.slice(0, v0, v1).copy_(db_acc);
+      }
+    });
+  });
+  at::Tensor dh;
+  if (need_hidden) {
+    for (auto& part : dh_parts) {
+      if (!part.defined()) continue;
+      if (!dh.defined()) dh = part;
+      else dh.add_(part);
+    }
+    if (!dh.defined()) dh = at::zeros({N, H}, copts);
+    dh = dh.to(hidden.scalar_type());
+  }
+  // Gradients that were not asked for come back as empty tensors (the schema has no Tensor?).
+  auto none = [&] { return at::empty({0}, copts); };
+  return {dh.defined() ? dh : none(), dW.defined() ? dW : none(), db.defined() ? db : none()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastgfn_cpu, m) {
+  m.def(
+      "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target,"
+      " Tensor extra_ids, Tensor? vocab_bias, float temperature, float softcap,"
+      " int ignore_index, bool entropy) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_logprobs_backward(Tensor grad_logp, Tensor grad_extra, Tensor? grad_entropy,"
+      " Tensor grad_lse, Tensor hidden, Tensor weight, Tensor? bias, Tensor target,"
+      " Tensor extra_ids, Tensor? vocab_bias, Tensor lse, Tensor entropy, float temperature,"
+      " float softcap, int ignore_index, bool need_hidden, bool need_weight, bool need_bias)"
+      " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastgfn_cpu, CPU, m) {
+  m.impl("linear_logprobs_forward", &linear_logprobs_forward);
+  m.impl("linear_logprobs_backward", &linear_logprobs_backward);
+}

@@ -1,0 +1,139 @@
+// Per-token log-probs from logits [N, V], CPU kernels: forward and backward.
+//
+// Maths and tiling: logprobs_common.h (DESIGN §2.1). One pass over the vocabulary per row
+// tile computes lse, entropy and the target / extra-id logits without ever writing an [N, V]
+// log-softmax; the backward pass recomputes p = exp(z' - lse) tile by tile from the saved
+// per-row lse and entropy and writes d logits (the only [N, V] tensor, because it is the
+// gradient of an [N, V] input).
+#include <torch/library.h>
+
+#include "logprobs_common.h"
+
+namespace {
+
+using namespace fastgfn_logprobs;
+
+void check_common(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& extra_ids,
+                  const c10::optional<at::Tensor>& vocab_bias) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be [N, V]");
+  TORCH_CHECK(logits.device().is_cpu(), "fastgfn_cpu::logprobs expects CPU tensors");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target must be [N]");
+  TORCH_CHECK(extra_ids.dim() == 1, "extra_ids must be [K]");
+  if (vocab_bias.has_value())
+    TORCH_CHECK(vocab_bias->dim() == 1 && vocab_bias->size(0) == logits.size(1),
+                "vocab_bias must be [V]");
+}
+
+// Transformed tile of a logits tensor: a fresh contiguous copy in the compute dtype.
+struct LogitsTiles {
+  const at::Tensor& logits;
+  const c10::optional<at::Tensor>& beta;
+  Params P;
+  at::ScalarType cdt;
+  at::Tensor operator()(int64_t r0, int64_t r1, int64_t v0, int64_t v1, at::Tensor* tanh_out) const {
+    at::Tensor z = at::empty({r1 - r0, v1 - v0}, logits.options().dtype(cdt));
+    z.copy_(logits.slice(0, r0, r1).slice(1, v0, v1));
+    c10::optional<at::Tensor> bc;
+    if (beta.has_value()) bc = beta->slice(0, v0, v1);
+    transform_tile(z, bc, P, tanh_out);
+    return z;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
+    const at::Tensor& logits, const at::Tensor& target_in, const at::Tensor& extra_in,
+    const c10::optional<at::Tensor>& vocab_bias_in, double temperature, double softcap,
+    int64_t ignore_index, bool entropy) {
+  check_common(logits, target_in, extra_in, vocab_bias_in);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto cdt = compute_dtype(logits.scalar_type());
+  const auto target = target_in.to(at::kLong).contiguous();
+  const auto extra = extra_in.to(at::kLong).contiguous();
+  const int64_t K = extra.size(0);
+  c10::optional<at::Tensor> beta;
+  if (vocab_bias_in.has_value()) beta = vocab_bias_in->to(cdt).contiguous();
+  Params P{1.0 / temperature, softcap, ignore_index};
+  LogitsTiles tiles{logits, beta, P, cdt};
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_logprobs_forward", [&] {
+    auto stats = forward_driver<scalar_t>(
+        N, V, target.data_ptr<int64_t>(), extra.data_ptr<int64_t>(), K, entropy,
+        [&](int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
+          return tiles(r0, r1, v0, v1, nullptr);
+        });
+    out = pack_outputs(stats, target.data_ptr<int64_t>(), N, K, ignore_index, entropy,
+                       logits.options().dtype(cdt));
+  });
+  return {out[0], out[1], out[2], out[3]};
+}
+
+at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad_extra,
+                             const c10::optional<at::Tensor>& grad_entropy,
+                             const at::Tensor& grad_lse, const at::Tensor& logits,
+                             const at::Tensor& target_in, const at::Tensor& extra_in,
+                             const c10::optional<at::Tensor>& vocab_bias_in,
+                             const at::Tensor& lse_in, const at::Tensor& entropy_in,
+                             double temperature, double softcap, int64_t ignore_index) {
+  check_common(logits, target_in, extra_in, vocab_bias_in);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto cdt = compute_dtype(logits.scalar_type());
+  const auto target = target_in.to(at::kLong).contiguous();
+  const auto extra = extra_in.to(at::kLong).contiguous();
+  const int64_t K = extra.size(0);
+  c10::optional<at::Tensor> beta;
+  if (vocab_bias_in.has_value()) beta = vocab_bias_in->to(cdt).contiguous();
+  Params P{1.0 / temperature, softcap, ignore_index};
+  LogitsTiles tiles{logits, beta, P, cdt};
+
+  const auto lse = lse_in.to(cdt).contiguous();
+  const auto G = row_coefficient(grad_logp, grad_extra, grad_lse, target, ignore_index, cdt);
+  at::Tensor gH, ent;
+  if (grad_entropy.has_value() && grad_entropy->numel() == N) {
+    gH = grad_entropy->to(cdt).contiguous();
+    ent = entropy_in.to(cdt).contiguous();
+  }
+  const auto gy = grad_logp.to(cdt).contiguous();
+  const auto ge = grad_extra.to(cdt).contiguous();
+  auto dlogits = at::empty({N, V}, logits.options());
+  const int64_t nt = ceil_div(N, kBlockN), nc = ceil_div(V, kBlockV);
+
+  AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_logprobs_backward", [&] {
+    const scalar_t* gyp = gy.data_ptr<scalar_t>();
+    const scalar_t* gep = ge.data_ptr<scalar_t>();
+    const int64_t* tp = target.data_ptr<int64_t>();
+    const int64_t* ep = extra.data_ptr<int64_t>();
+    // Row tiles x vocabulary chunks: every work item writes its own block of d logits.
+    at::parallel_for(0, nt * nc, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t ti = w / nc, c = w % nc;
+        const int64_t r0 = ti * kBlockN, r1 = std::min(N, r0 + kBlockN);
+        const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV);
+        at::Tensor t;
+        at::Tensor x = tiles(r0, r1, v0, v1, softcap > 0.0 ? &t : nullptr);
+        at::Tensor dz = tile_backward<scalar_t>(x, t, r0, r1, v0, v1, lse, ent, G, gH, tp, gyp,
+                                                ep, K, gep, P);
+        dlogits.slice(0, r0, r1).slice(1, v0, v1).copy_(dz);
+      }
+    });
+  });
+  return dlogits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastgfn_cpu, m) {
+  m.def(
+      "logprobs_forward(Tensor logits, Tensor target, Tensor extra_ids, Tensor? vocab_bias,"
+      " float temperature, float softcap, int ignore_index, bool entropy)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "logprobs_backward(Tensor grad_logp, Tensor grad_extra, Tensor? grad_entropy,"
+      " Tensor grad_lse, Tensor logits, Tensor target, Tensor extra_ids, Tensor? vocab_bias,"
+      " Tensor lse, Tensor entropy, float temperature, float softcap, int ignore_index)"
+      " -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastgfn_cpu, CPU, m) {
+  m.impl("logprobs_forward", &logprobs_forward);
+  m.impl("logprobs_backward", &logprobs_backward);
+}

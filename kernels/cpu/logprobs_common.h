@@ -1,0 +1,225 @@
+// Shared tile machinery of the per-token log-prob CPU kernels (logprobs.cpp, linear_logprobs.cpp).
+//
+// Maths (../shared/DESIGN.md §2.1). With z' = c tanh(z / c) / tau + beta, every output of a row
+// is a function of three per-row reductions over the vocabulary -- lse = log sum exp z', the
+// entropy H = -sum p log p, and the logits z'[y], z'[e_k] at a few columns -- so the vocabulary
+// is walked in tiles of kBlockV columns and only those reductions are kept.
+//
+// Tiles are merged exactly. A tile t of the vocabulary holds probability mass w_t =
+// exp(lse_t - lse) and, normalised inside the tile, has entropy H_t. The entropy of a mixture
+// of the tiles' distributions is H = sum_t w_t H_t - sum_t w_t log w_t, which folds online:
+//     lse' = logaddexp(lse, lse_t),  a = exp(lse - lse'), b = exp(lse_t - lse'),
+//     H'   = a (H - log a) + b (H_t - log b).
+// Every quantity stays of the size of an entropy or a log-probability; nothing of the size of
+// the logits (±1e4 in a peaked row) is subtracted from something of the same size, so peaked
+// rows keep full relative accuracy (the textbook H = lse - E_p[z'] does not).
+//
+// Backward, for upstream gradients g_y (target), g_e (extra ids), g_H (entropy), g_l (lse):
+//     dz'[v] = sum_j g_j (1[v = j] - p[v])  -  g_H p[v] (log p[v] + H)  +  g_l p[v]
+//            = onehots  -  p[v] (G + g_H (log p[v] + H)),       G = g_y [y valid] + sum_k g_e,k - g_l
+// then dz = dz' / tau * (1 - tanh^2(z / c)) (the second factor only with a softcap).
+// p log p is taken as 0 where p == 0 (beta = -inf, or underflow): log p is clamped at -1000,
+// below which exp underflows to 0 in both float and double.
+//
+// Per-tile arithmetic runs through ATen ops on small contiguous tiles (vectorised by ATen's
+// own runtime CPU dispatch, AVX2/AVX-512) in the compute dtype: float for fp16/bf16/fp32
+// inputs, double for double. Per-row statistics are merged in double.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fastgfn_logprobs {
+
+constexpr int64_t kBlockN = 256;   // rows (tokens) per tile
+constexpr int64_t kBlockV = 512;   // vocabulary columns per tile
+constexpr double kLogFloor = -1000.0;
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+struct Params {
+  double inv_tau = 1.0;
+  double softcap = 0.0;  // 0: none
+  int64_t ignore_index = -100;
+};
+
+// Fold a tile's (lse_t, H_t) into a row's running (lse, H).
+inline void merge_stats(double& lse, double& ent, double tile_lse, double tile_ent) {
+  if (std::isnan(tile_lse)) {
+    lse = tile_lse;
+    ent = tile_lse;
+    return;
+  }
+  if (tile_lse == kNegInf) return;
+  if (lse == kNegInf) {
+    lse = tile_lse;
+    ent = tile_ent;
+    return;
+  }
+  const double hi = std::max(lse, tile_lse);
+  const double new_lse = hi + std::log(std::exp(lse - hi) + std::exp(tile_lse - hi));
+  const double la = lse - new_lse, lb = tile_lse - new_lse;
+  ent = std::exp(la) * (ent - la) + std::exp(lb) * (tile_ent - lb);
+  lse = new_lse;
+}
+
+// Apply softcap / temperature / vocabulary bias to a raw logit tile z (contiguous, compute
+// dtype) in place; if `tanh_out` is given and a softcap is set, store tanh(z / c) there.
+inline void transform_tile(at::Tensor& z, const c10::optional<at::Tensor>& beta_chunk,
+                           const Params& P, at::Tensor* tanh_out) {
+  if (P.softcap > 0.0) {
+    z.mul_(1.0 / P.softcap).tanh_();
+    if (tanh_out != nullptr) *tanh_out = z.clone();
+    z.mul_(P.softcap * P.inv_tau);
+  } else if (P.inv_tau != 1.0) {
+    z.mul_(P.inv_tau);
+  }
+  if (beta_chunk.has_value()) z.add_(*beta_chunk);
+}
+
+// Output of the forward pass, per row: lse, entropy, z'[y], z'[e_k] (double).
+struct RowStats {
+  std::vector<double> lse, ent, tgt, extra;
+};
+
+// Forward driver. `produce(r0, r1, v0, v1)` returns the transformed tile z'[r0:r1, v0:v1] as a
+// fresh contiguous tensor of the compute dtype (the driver may modify it). Work items are
+// (row tile, vocabulary group) pairs; with few row tiles the vocabulary is split into groups
+// whose statistics are merged at the end, so that small N still uses every thread.
+template <typename scalar_t, typename Producer>
+RowStats forward_driver(int64_t N, int64_t V, const int64_t* target, const int64_t* extra_ids,
+                        int64_t K, bool want_entropy, Producer produce) {
+  const int64_t nt = ceil_div(N, kBlockN), nc = ceil_div(V, kBlockV);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t groups = 1;
+  if (nt < 2 * threads) groups = std::min<int64_t>(nc, ceil_div(2 * threads, std::max<int64_t>(nt, 1)));
+  const int64_t cpg = ceil_div(nc, std::max<int64_t>(groups, 1));
+  groups = std::max<int64_t>(1, ceil_div(nc, cpg));
+
+  std::vector<double> lse_part(groups * N, kNegInf), ent_part(groups * N, 0.0);
+  RowStats out;
+  out.tgt.assign(N, 0.0);
+  out.extra.assign(N * K, 0.0);
+
+  at::parallel_for(0, nt * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t ti = w / groups, g = w % groups;
+      const int64_t r0 = ti * kBlockN, r1 = std::min(N, r0 + kBlockN), bn = r1 - r0;
+      const int64_t c_end = std::min(nc, (g + 1) * cpg);
+      for (int64_t c = g * cpg; c < c_end; ++c) {
+        const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV), bv = v1 - v0;
+        at::Tensor x = produce(r0, r1, v0, v1);
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        // Gather the target and extra columns that fall in this tile.
+        for (int64_t r = 0; r < bn; ++r) {
+          const int64_t y = target[r0 + r];
+          if (y >= v0 && y < v1) out.tgt[r0 + r] = static_cast<double>(xp[r * bv + (y - v0)]);
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t e = extra_ids[k];
+            if (e >= v0 && e < v1)
+              out.extra[(r0 + r) * K + k] = static_cast<double>(xp[r * bv + (e - v0)]);
+          }
+        }
+        at::Tensor tl = at::logsumexp(x, {1});
+        at::Tensor te;
+        if (want_entropy) {
+          at::Tensor shift = tl.masked_fill(tl.isinf(), 0.0).unsqueeze(1);
+          at::Tensor lq = x.sub_(shift).clamp_min_(kLogFloor);
+          te = lq.exp().mul_(lq).sum(1).neg_();
+        }
+        const scalar_t* tlp = tl.data_ptr<scalar_t>();
+        const scalar_t* tep = want_entropy ? te.data_ptr<scalar_t>() : nullptr;
+        for (int64_t r = 0; r < bn; ++r) {
+          merge_stats(lse_part[g * N + r0 + r], ent_part[g * N + r0 + r],
+                      static_cast<double>(tlp[r]), tep ? static_cast<double>(tep[r]) : 0.0);
+        }
+      }
+    }
+  });
+  out.lse.assign(N, kNegInf);
+  out.ent.assign(N, 0.0);
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t g = 0; g < groups; ++g)
+      merge_stats(out.lse[r], out.ent[r], lse_part[g * N + r], ent_part[g * N + r]);
+  return out;
+}
+
+// Pack the forward outputs: logp [N], extra [N, K], entropy [N] (or [0]), lse [N].
+inline std::vector<at::Tensor> pack_outputs(const RowStats& s, const int64_t* target, int64_t N,
+                                            int64_t K, int64_t ignore_index, bool want_entropy,
+                                            at::TensorOptions opts) {
+  auto dopts = opts.dtype(at::kDouble);
+  auto logp = at::empty({N}, dopts), extra = at::empty({N, K}, dopts), lse = at::empty({N}, dopts);
+  auto ent = at::empty({want_entropy ? N : 0}, dopts);
+  double* lp = logp.data_ptr<double>();
+  double* ex = extra.data_ptr<double>();
+  double* ls = lse.data_ptr<double>();
+  double* en = ent.data_ptr<double>();
+  for (int64_t r = 0; r < N; ++r) {
+    ls[r] = s.lse[r];
+    lp[r] = target[r] == ignore_index ? 0.0 : s.tgt[r] - s.lse[r];
+    for (int64_t k = 0; k < K; ++k) ex[r * K + k] = s.extra[r * K + k] - s.lse[r];
+    if (want_entropy) en[r] = s.ent[r];
+  }
+  const auto dt = opts.dtype().toScalarType();
+  return {logp.to(dt), extra.to(dt), ent.to(dt), lse.to(dt)};
+}
+
+// Per-row coefficients for the backward pass (compute dtype, [N]):
+//     G = g_y [y != ignore] + sum_k g_e,k - g_lse.
+inline at::Tensor row_coefficient(const at::Tensor& grad_logp, const at::Tensor& grad_extra,
+                                  const at::Tensor& grad_lse, const at::Tensor& target,
+                                  int64_t ignore_index, at::ScalarType cdt) {
+  auto valid = target.ne(ignore_index);
+  auto G = grad_logp.to(cdt).mul(valid.to(cdt));
+  if (grad_extra.numel() > 0) G.add_(grad_extra.to(cdt).sum(1));
+  G.sub_(grad_lse.to(cdt));
+  return G.contiguous();
+}
+
+// Turn the transformed tile x = z'[r0:r1, v0:v1] into dz (gradient w.r.t. the raw logit z) in
+// place and return it. lse/ent/G/gH are [N] tensors of the compute dtype (gH may be undefined).
+template <typename scalar_t>
+at::Tensor tile_backward(at::Tensor x, const at::Tensor& tanh_tile, int64_t r0, int64_t r1,
+                         int64_t v0, int64_t v1, const at::Tensor& lse, const at::Tensor& ent,
+                         const at::Tensor& G, const at::Tensor& gH, const int64_t* target,
+                         const scalar_t* gy, const int64_t* extra_ids, int64_t K,
+                         const scalar_t* ge, const Params& P) {
+  const int64_t bn = r1 - r0, bv = v1 - v0;
+  auto col = [&](const at::Tensor& t) { return t.narrow(0, r0, bn).unsqueeze(1); };
+  at::Tensor lp = x.sub_(col(lse));  // log p
+  at::Tensor p = lp.exp();
+  if (gH.defined()) {
+    lp.clamp_min_(kLogFloor).add_(col(ent)).mul_(col(gH)).add_(col(G));
+    p.mul_(lp).neg_();
+  } else {
+    p.mul_(col(G)).neg_();
+  }
+  scalar_t* dz = p.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < bn; ++r) {
+    const int64_t y = target[r0 + r];
+    if (y != P.ignore_index && y >= v0 && y < v1) dz[r * bv + (y - v0)] += gy[r0 + r];
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t e = extra_ids[k];
+      if (e >= v0 && e < v1) dz[r * bv + (e - v0)] += ge[(r0 + r) * K + k];
+    }
+  }
+  if (P.softcap > 0.0) {
+    // d(c tanh(z/c))/dz = 1 - tanh^2
+    p.mul_(at::neg(tanh_tile.square()).add_(1.0));
+  }
+  if (P.inv_tau != 1.0) p.mul_(P.inv_tau);
+  return p;
+}
+
+}  // namespace fastgfn_logprobs

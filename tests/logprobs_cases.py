@@ -1,0 +1,190 @@
+"""Shared cases and checks for the per-token log-prob tests (every backend vs float64).
+
+The oracle is ``fastgfn.reference.logprobs`` run in float64 with autograd. The tolerance rule
+(DESIGN §4): our error against float64 must be at most twice PyTorch's own error at the input
+dtype (the same eager maths run in that dtype), plus a small atol.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgfn.ops.logprobs import linear_token_logprobs, token_logprobs
+from fastgfn.reference.logprobs import linear_token_logprobs_reference, token_logprobs_reference
+
+# (absolute, relative-to-the-largest-value) slack added to the 2x rule
+ATOL = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float64: (1e-10, 1e-12),
+    torch.bfloat16: (1e-3, 1e-3),
+    torch.float16: (1e-3, 1e-3),
+}
+NEG_INF = float("-inf")
+
+
+def make_logits_case(
+    N, V, *, seed, peaked=True, bias=False, ignore=0.2, n_extra=2, all_ignored=False, scale=3.0
+):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * scale
+    target = torch.randint(0, V, (N,), generator=g)
+    extra = torch.randint(0, V, (n_extra,), generator=g)
+    vocab_bias = None
+    if bias:
+        vocab_bias = torch.zeros(V, dtype=torch.float64)
+        forbidden = torch.randperm(V, generator=g)[: max(1, V // 5)]
+        vocab_bias[forbidden] = NEG_INF
+        vocab_bias[torch.randperm(V, generator=g)[: max(1, V // 7)]] -= 50.0
+        allowed = torch.nonzero(vocab_bias > NEG_INF).flatten()
+        target = allowed[torch.randint(0, allowed.numel(), (N,), generator=g)]
+        extra = allowed[torch.randint(0, allowed.numel(), (n_extra,), generator=g)]
+    if peaked:
+        logits[0, target[0]] = 1e4  # a confident row
+        if N > 1:
+            logits[-1] = -1e4
+            logits[-1, target[-1]] = 1e4
+    drop = torch.rand(N, generator=g) < ignore
+    if all_ignored:
+        drop[:] = True
+    target = torch.where(drop, torch.full_like(target, -100), target)
+    return logits, target, extra, vocab_bias
+
+
+def make_linear_case(N, V, H, *, seed, peaked=True, with_bias=True, **kw):
+    g = torch.Generator().manual_seed(seed + 7)
+    _, target, extra, vocab_bias = make_logits_case(N, V, seed=seed, peaked=False, **kw)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5
+    bias = torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None
+    if peaked:
+        hidden[0] *= 300.0  # logits of a few hundred to thousands: a confident row
+    return hidden, weight, bias, target, extra, vocab_bias
+
+
+def _outputs(out):
+    return [o for o in (out.logp, out.extra, out.entropy, out.lse) if o is not None]
+
+
+def _run(fn, tensors, grads_seed, **kw):
+    leaves = [
+        t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None
+        for t in tensors
+    ]
+    out = fn(*leaves, **kw)
+    outs = _outputs(out)
+    g = torch.Generator().manual_seed(grads_seed)
+    grads = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    torch.autograd.backward(outs, [gr.to(o.dtype).to(o.device) for gr, o in zip(grads, outs)])
+    return outs, [t.grad if t is not None else None for t in leaves], grads
+
+
+def _err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    both_inf = torch.isinf(a) & torch.isinf(b) & (a.sign() == b.sign())
+    diff = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def check_against_reference(kind, backend, tensors, options, dtype, device="cpu", seed=0):
+    """Values and gradients of ``backend`` vs float64, with the 2x-PyTorch rule at ``dtype``.
+
+    ``tensors``: (logits, target, extra) or (hidden, weight, bias, target, extra), float64.
+    """
+    opts = dict(options)
+    if kind == "logits":
+        logits, target, extra = tensors
+        float_in = [logits]
+        ref_fn = lambda lg, compute_dtype: token_logprobs_reference(  # noqa: E731
+            lg, target, extra, compute_dtype=compute_dtype, **_ref_opts(opts)
+        )
+        our_fn = lambda lg: token_logprobs(
+            lg,
+            target.to(device),
+            extra.to(device),  # noqa: E731
+            backend=backend,
+            **_dev_opts(opts, device),
+        )
+    else:
+        hidden, weight, bias, target, extra = tensors
+        float_in = [hidden, weight, bias]
+        ref_fn = lambda h, w, b, compute_dtype: linear_token_logprobs_reference(  # noqa: E731
+            h, w, target, b, extra, compute_dtype=compute_dtype, **_ref_opts(opts)
+        )
+        our_fn = lambda h, w, b: linear_token_logprobs(  # noqa: E731
+            h, w, target.to(device), b, extra.to(device), backend=backend, **_dev_opts(opts, device)
+        )
+    want_entropy = bool(opts.get("return_entropy"))
+    want_lse = bool(opts.get("return_lse"))
+
+    def as_out(o):
+        return (
+            [o.logp, o.extra]
+            + ([o.entropy] if want_entropy else [])
+            + ([o.lse] if want_lse else [])
+        )
+
+    # float64 oracle
+    exact_in = [t.double() if t is not None else None for t in float_in]
+    exact_out, exact_grads, grads = _run(
+        lambda *a: _wrap(as_out(ref_fn(*a, compute_dtype=torch.float64))), exact_in, seed
+    )
+    # PyTorch's own maths at dtype
+    low_in = [t.to(dtype) if t is not None else None for t in float_in]
+    torch_out, torch_grads, _ = _run(
+        lambda *a: _wrap(as_out(ref_fn(*a, compute_dtype=dtype))), low_in, seed
+    )
+    # ours at dtype
+    our_in = [t.to(dtype).to(device) if t is not None else None for t in float_in]
+    our_out, our_grads, _ = _run(our_fn, our_in, seed)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    names = (
+        ["logp", "extra"] + (["entropy"] if want_entropy else []) + (["lse"] if want_lse else [])
+    )
+    assert len(our_out) == len(exact_out)
+    for name, ours, exact, theirs in zip(names, our_out, exact_out, torch_out):
+        assert ours.dtype == expected_dtype, (name, ours.dtype)
+        assert ours.shape == exact.shape, (name, ours.shape, exact.shape)
+        e_ours, e_torch = _err(ours, exact), _err(theirs, exact)
+        assert e_ours <= 2 * e_torch + _atol(dtype, exact), (
+            f"{name}: error {e_ours:.3g} vs PyTorch's {e_torch:.3g} at {dtype}"
+        )
+    for i, (ours, exact, theirs) in enumerate(zip(our_grads, exact_grads, torch_grads)):
+        if exact is None:
+            assert ours is None
+            continue
+        assert ours is not None, f"no gradient for input {i}"
+        assert ours.dtype == dtype and ours.shape == exact.shape
+        e_ours, e_torch = _err(ours, exact), _err(theirs, exact)
+        assert e_ours <= 2 * e_torch + _atol(dtype, exact), (
+            f"grad of input {i}: error {e_ours:.3g} vs PyTorch's {e_torch:.3g} at {dtype}"
+        )
+    return our_out, exact_out, grads
+
+
+def _atol(dtype, exact):
+    # a small absolute slack relative to the magnitude of the values compared
+    finite = exact[torch.isfinite(exact)] if exact.numel() else exact
+    scale = float(finite.detach().abs().max()) if finite.numel() else 1.0
+    abs_tol, rel_tol = ATOL[dtype]
+    return abs_tol + rel_tol * scale
+
+
+class _Out:
+    def __init__(self, outs):
+        self.logp, self.extra, self.entropy, self.lse = (outs + [None, None])[:4]
+
+
+def _wrap(outs):
+    return _Out(list(outs))
+
+
+def _ref_opts(opts):
+    keys = ("temperature", "vocab_bias", "softcap", "ignore_index")
+    return {k: v for k, v in opts.items() if k in keys}
+
+
+def _dev_opts(opts, device):
+    out = dict(opts)
+    if out.get("vocab_bias") is not None:
+        out["vocab_bias"] = out["vocab_bias"].float().to(device)
+    return out
