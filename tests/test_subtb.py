@@ -335,6 +335,10 @@ def test_vargrad_loss_groups():
     assert_close(log_z, want, rtol=1e-12, atol=1e-12)
     loss.backward()
     assert torch.isfinite(pf.grad).all()
+    one_group = fastgfn.vargrad_loss(pf, pt, r, lengths, torch.full((6,), 4))
+    assert_close(fastgfn.vargrad_loss(pf, pt, r, lengths), one_group, rtol=1e-12, atol=1e-12)
+    assert_close(one_group, torch.tensor(x, dtype=torch.float64).var(unbiased=False),
+                 rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------

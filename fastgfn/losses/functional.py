@@ -190,16 +190,26 @@ def tb_loss(
     return _reduce_per_sequence(residual.square(), reduction)
 
 
-def _group_index(group_ids, B: int, device) -> tuple[torch.Tensor, int]:
+def _same_group(group_ids, B: int, device) -> torch.Tensor | None:
+    """[B, B] boolean matrix: do sequences a and b share a group? None means one group.
+
+    A pairwise comparison instead of ``torch.unique`` keeps the op free of host syncs on GPUs.
+    """
     if group_ids is None:
-        return torch.zeros(B, dtype=torch.long, device=device), 1
+        return None
     group_ids = as_index_tensor("group_ids", group_ids, device)
     check_shape("group_ids", group_ids, (B,))
     if group_ids.device != device:
         raise ValueError(f"group_ids is on {group_ids.device}, expected {device}")
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    num_groups = int(inverse.max()) + 1 if B > 0 else 0
-    return inverse, num_groups
+    return group_ids[:, None] == group_ids[None, :]
+
+
+def _group_mean(values: torch.Tensor, same: torch.Tensor | None) -> torch.Tensor:
+    """For each sequence, the mean of ``values`` over its group."""
+    if same is None:
+        return values.mean().expand_as(values) if values.numel() else values
+    same = same.to(values.dtype)
+    return (same @ values) / same.sum(dim=1)
 
 
 def vargrad_log_z(
@@ -212,14 +222,7 @@ def vargrad_log_z(
     """The batch estimate of log Z for each sequence's group: ``mean_group(log_r - log q)``."""
     lengths = _check_trajectories(log_pf, log_pterm, log_r, lengths)
     ratio = _trajectory_log_ratio(log_pf, log_pterm, log_r, lengths)
-    index, num_groups = _group_index(group_ids, ratio.shape[0], ratio.device)
-    return -_group_mean(ratio, index, num_groups)[index]
-
-
-def _group_mean(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    sums = values.new_zeros(num_groups).index_add(0, index, values)
-    counts = values.new_zeros(num_groups).index_add(0, index, torch.ones_like(values))
-    return sums / counts.clamp(min=1.0)
+    return -_group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
 
 
 def vargrad_loss(
@@ -240,6 +243,5 @@ def vargrad_loss(
     lengths = _check_trajectories(log_pf, log_pterm, log_r, lengths)
     _check_reduction(reduction)
     ratio = _trajectory_log_ratio(log_pf, log_pterm, log_r, lengths)
-    index, num_groups = _group_index(group_ids, ratio.shape[0], ratio.device)
-    deviation = ratio - _group_mean(ratio, index, num_groups)[index]
+    deviation = ratio - _group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
     return _reduce_per_sequence(deviation.square(), reduction)
