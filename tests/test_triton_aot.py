@@ -17,6 +17,8 @@ from .conftest import requires_triton
 
 TRITON_KERNEL_MODULES = [
     "fastgfn.kernels.subtb_triton",
+    "fastgfn.kernels.logprobs_triton",
+    "fastgfn.kernels.linear_logprobs_triton",
 ]
 
 
@@ -24,8 +26,13 @@ TRITON_KERNEL_MODULES = [
 @pytest.mark.parametrize("module", TRITON_KERNEL_MODULES)
 def test_kernels_compile_for_sm90(module):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "fastgfn.kernels.aot", module],
-                         capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "fastgfn.kernels.aot", module],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert reports, "no kernel configuration was compiled"

@@ -122,18 +122,27 @@ def _bwd_reference(
     return dlogits.to(logits.dtype)
 
 
+def _detached(args):
+    """The C++ kernels write into scratch tiles with ``out=`` ops: hand them plain tensors."""
+    return [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+
+
 def _fwd_cpp(
     logits, target, extra_ids, vocab_bias, temperature, softcap, ignore_index, need_entropy
 ):
     require_cpu_kernels()
     return torch.ops.fastgfn_cpu.logprobs_forward(
-        logits, target, extra_ids, vocab_bias, temperature, softcap, ignore_index, need_entropy
+        *_detached([logits, target, extra_ids, vocab_bias]),
+        temperature,
+        softcap,
+        ignore_index,
+        need_entropy,
     )
 
 
 def _bwd_cpp(*args):
     require_cpu_kernels()
-    return torch.ops.fastgfn_cpu.logprobs_backward(*args)
+    return torch.ops.fastgfn_cpu.logprobs_backward(*_detached(args))
 
 
 def _fwd_triton(*args):
@@ -236,12 +245,12 @@ def _lbwd_reference(
 
 def _lfwd_cpp(*args):
     require_cpu_kernels()
-    return torch.ops.fastgfn_cpu.linear_logprobs_forward(*args)
+    return torch.ops.fastgfn_cpu.linear_logprobs_forward(*_detached(args))
 
 
 def _lbwd_cpp(*args):
     require_cpu_kernels()
-    return torch.ops.fastgfn_cpu.linear_logprobs_backward(*args)
+    return torch.ops.fastgfn_cpu.linear_logprobs_backward(*_detached(args))
 
 
 def _lfwd_triton(*args):

@@ -52,19 +52,24 @@ struct LinearTiles {
     return w.scalar_type() == cdt && w.is_contiguous() ? w : w.to(cdt).contiguous();
   }
 
-  at::Tensor operator()(int64_t r0, int64_t r1, int64_t v0, int64_t v1, const at::Tensor& w,
-                        at::Tensor* tanh_out) const {
+  at::Tensor operator()(Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1,
+                        const at::Tensor& w, at::Tensor* tanh_out) const {
     at::Tensor ht = h.slice(0, r0, r1);
+    at::Tensor z = Workspace::tile(ws.x, r1 - r0, v1 - v0);
     if (P.softcap > 0.0) {
-      at::Tensor z = b.has_value() ? at::addmm(b->slice(0, v0, v1), ht, w.t()) : at::mm(ht, w.t());
+      if (b.has_value()) at::addmm_out(z, b->slice(0, v0, v1), ht, w.t());
+      else at::mm_out(z, ht, w.t());
       c10::optional<at::Tensor> bc;
       if (beta.has_value()) bc = beta->slice(0, v0, v1);
       transform_tile(z, bc, P, tanh_out);
       return z;
     }
-    if (c.has_value()) return at::addmm(c->slice(0, v0, v1), ht, w.t(), 1.0, P.inv_tau);
-    at::Tensor z = at::mm(ht, w.t());
-    if (P.inv_tau != 1.0) z.mul_(P.inv_tau);
+    if (c.has_value()) {
+      at::addmm_out(z, c->slice(0, v0, v1), ht, w.t(), 1.0, P.inv_tau);
+    } else {
+      at::mm_out(z, ht, w.t());
+      if (P.inv_tau != 1.0) z.mul_(P.inv_tau);
+    }
     return z;
   }
 };
@@ -102,8 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forwa
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_linear_logprobs_forward", [&] {
     auto stats = forward_driver<scalar_t>(
         N, V, target.data_ptr<int64_t>(), extra.data_ptr<int64_t>(), K, entropy,
-        [&](int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
-          return tiles(r0, r1, v0, v1, tiles.weight_chunk(v0, v1), nullptr);
+        tiles.h.options(),
+        [&](Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
+          return tiles(ws, r0, r1, v0, v1, tiles.weight_chunk(v0, v1), nullptr);
         });
     out = pack_outputs(stats, target.data_ptr<int64_t>(), N, K, ignore_index, entropy,
                        hidden.options().dtype(cdt));
@@ -154,20 +160,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
     at::parallel_for(0, nc, 1, [&](int64_t begin, int64_t end) {
       const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
       if (need_hidden && !dh_parts[tid].defined()) dh_parts[tid] = at::zeros({N, H}, copts);
+      Workspace ws(copts);
+      at::Tensor dw_buf = need_weight ? at::empty({kBlockV, H}, copts) : at::Tensor();
+      at::Tensor db_buf = need_bias ? at::empty({kBlockV}, copts) : at::Tensor();
+      at::Tensor db_row = need_bias ? at::empty({kBlockV}, copts) : at::Tensor();
       for (int64_t c = begin; c < end; ++c) {
         const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV), bv = v1 - v0;
         const at::Tensor w = tiles.weight_chunk(v0, v1);
-        at::Tensor dw_acc = need_weight ? at::zeros({bv, H}, copts) : at::Tensor();
-        at::Tensor db_acc = need_bias ? at::zeros({bv}, copts) : at::Tensor();
+        at::Tensor dw_acc = need_weight ? dw_buf.narrow(0, 0, bv).zero_() : at::Tensor();
+        at::Tensor db_acc = need_bias ? db_buf.narrow(0, 0, bv).zero_() : at::Tensor();
         for (int64_t ti = 0; ti < nt; ++ti) {
           const int64_t r0 = ti * kBlockN, r1 = std::min(N, r0 + kBlockN);
-          at::Tensor t;
-          at::Tensor x = tiles(r0, r1, v0, v1, w, softcap > 0.0 ? &t : nullptr);
-          at::Tensor dz = tile_backward<scalar_t>(x, t, r0, r1, v0, v1, lse, ent, G, gH, tp,
+          at::Tensor t = Workspace::tile(ws.t, r1 - r0, bv);
+          at::Tensor x = tiles(ws, r0, r1, v0, v1, w, softcap > 0.0 ? &t : nullptr);
+          at::Tensor dz = tile_backward<scalar_t>(x, t, ws, r0, r1, v0, v1, lse, ent, G, gH, tp,
                                                   gyp, ep, K, gep, P);
           const at::Tensor ht = tiles.h.slice(0, r0, r1);
           if (need_weight) dw_acc.addmm_(dz.t(), ht);
-          if (need_bias) db_acc.add_(dz.sum(0));
+          if (need_bias) {
+            at::Tensor part = db_row.narrow(0, 0, bv);
+            at::sum_out(part, dz, {0});
+            db_acc.add_(part);
+          }
           if (need_hidden) dh_parts[tid].slice(0, r0, r1).addmm_(dz, w);
         }
         if (need_weight) dW.slice(0, v0, v1).copy_(dw_acc);

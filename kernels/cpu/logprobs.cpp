@@ -24,14 +24,15 @@ void check_common(const at::Tensor& logits, const at::Tensor& target, const at::
                 "vocab_bias must be [V]");
 }
 
-// Transformed tile of a logits tensor: a fresh contiguous copy in the compute dtype.
+// Transformed tile of a logits tensor: a contiguous copy (in the workspace), compute dtype.
 struct LogitsTiles {
   const at::Tensor& logits;
   const c10::optional<at::Tensor>& beta;
   Params P;
   at::ScalarType cdt;
-  at::Tensor operator()(int64_t r0, int64_t r1, int64_t v0, int64_t v1, at::Tensor* tanh_out) const {
-    at::Tensor z = at::empty({r1 - r0, v1 - v0}, logits.options().dtype(cdt));
+  at::Tensor operator()(Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1,
+                        at::Tensor* tanh_out) const {
+    at::Tensor z = Workspace::tile(ws.x, r1 - r0, v1 - v0);
     z.copy_(logits.slice(0, r0, r1).slice(1, v0, v1));
     c10::optional<at::Tensor> bc;
     if (beta.has_value()) bc = beta->slice(0, v0, v1);
@@ -58,8 +59,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_logprobs_forward", [&] {
     auto stats = forward_driver<scalar_t>(
         N, V, target.data_ptr<int64_t>(), extra.data_ptr<int64_t>(), K, entropy,
-        [&](int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
-          return tiles(r0, r1, v0, v1, nullptr);
+        logits.options().dtype(cdt),
+        [&](Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
+          return tiles(ws, r0, r1, v0, v1, nullptr);
         });
     out = pack_outputs(stats, target.data_ptr<int64_t>(), N, K, ignore_index, entropy,
                        logits.options().dtype(cdt));
@@ -104,14 +106,15 @@ at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad
     const int64_t* ep = extra.data_ptr<int64_t>();
     // Row tiles x vocabulary chunks: every work item writes its own block of d logits.
     at::parallel_for(0, nt * nc, 1, [&](int64_t begin, int64_t end) {
+      Workspace ws(logits.options().dtype(cdt));
       for (int64_t w = begin; w < end; ++w) {
         const int64_t ti = w / nc, c = w % nc;
         const int64_t r0 = ti * kBlockN, r1 = std::min(N, r0 + kBlockN);
         const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV);
-        at::Tensor t;
-        at::Tensor x = tiles(r0, r1, v0, v1, softcap > 0.0 ? &t : nullptr);
-        at::Tensor dz = tile_backward<scalar_t>(x, t, r0, r1, v0, v1, lse, ent, G, gH, tp, gyp,
-                                                ep, K, gep, P);
+        at::Tensor t = Workspace::tile(ws.t, r1 - r0, v1 - v0);
+        at::Tensor x = tiles(ws, r0, r1, v0, v1, softcap > 0.0 ? &t : nullptr);
+        at::Tensor dz = tile_backward<scalar_t>(x, t, ws, r0, r1, v0, v1, lse, ent, G, gH, tp,
+                                                gyp, ep, K, gep, P);
         dlogits.slice(0, r0, r1).slice(1, v0, v1).copy_(dz);
       }
     });

@@ -73,13 +73,33 @@ inline void merge_stats(double& lse, double& ent, double tile_lse, double tile_e
   lse = new_lse;
 }
 
+// Per-thread scratch tiles, allocated once per parallel range and reused for every tile so that
+// the hot loop does not allocate (many short-lived tile-sized allocations from several threads
+// fragment malloc arenas and inflate the process's resident memory).
+struct Workspace {
+  at::Tensor x, e, t;        // [kBlockN * kBlockV] each
+  at::Tensor m, s, u;        // [kBlockN] row reductions
+  Workspace(at::TensorOptions o) {
+    x = at::empty({kBlockN * kBlockV}, o);
+    e = at::empty({kBlockN * kBlockV}, o);
+    t = at::empty({kBlockN * kBlockV}, o);
+    m = at::empty({kBlockN}, o);
+    s = at::empty({kBlockN}, o);
+    u = at::empty({kBlockN}, o);
+  }
+  static at::Tensor tile(const at::Tensor& buf, int64_t bn, int64_t bv) {
+    return buf.narrow(0, 0, bn * bv).view({bn, bv});
+  }
+  static at::Tensor row(const at::Tensor& buf, int64_t bn) { return buf.narrow(0, 0, bn); }
+};
+
 // Apply softcap / temperature / vocabulary bias to a raw logit tile z (contiguous, compute
-// dtype) in place; if `tanh_out` is given and a softcap is set, store tanh(z / c) there.
+// dtype) in place; if `tanh_out` is defined and a softcap is set, store tanh(z / c) there.
 inline void transform_tile(at::Tensor& z, const c10::optional<at::Tensor>& beta_chunk,
                            const Params& P, at::Tensor* tanh_out) {
   if (P.softcap > 0.0) {
     z.mul_(1.0 / P.softcap).tanh_();
-    if (tanh_out != nullptr) *tanh_out = z.clone();
+    if (tanh_out != nullptr) tanh_out->copy_(z);
     z.mul_(P.softcap * P.inv_tau);
   } else if (P.inv_tau != 1.0) {
     z.mul_(P.inv_tau);
@@ -92,17 +112,52 @@ struct RowStats {
   std::vector<double> lse, ent, tgt, extra;
 };
 
-// Forward driver. `produce(r0, r1, v0, v1)` returns the transformed tile z'[r0:r1, v0:v1] as a
-// fresh contiguous tensor of the compute dtype (the driver may modify it). Work items are
-// (row tile, vocabulary group) pairs; with few row tiles the vocabulary is split into groups
-// whose statistics are merged at the end, so that small N still uses every thread.
+// Tile logsumexp and entropy of x = z'[bn, bv] (destroys x). Writes per-row lse_t, H_t.
+//   m = max_v x, y = max(x - m, -1000), e = exp y, s = sum e, u = sum e y
+//   lse_t = m + log s,   H_t = log s - u / s.
+template <typename scalar_t>
+void tile_stats(at::Tensor& x, Workspace& ws, int64_t bn, int64_t bv, bool want_entropy,
+                double* tile_lse, double* tile_ent) {
+  at::Tensor m = Workspace::row(ws.m, bn), s = Workspace::row(ws.s, bn);
+  at::Tensor u = Workspace::row(ws.u, bn), e = Workspace::tile(ws.e, bn, bv);
+  at::amax_out(m, x, {1});
+  scalar_t* mp = m.data_ptr<scalar_t>();
+  std::vector<double> row_max(bn);
+  for (int64_t r = 0; r < bn; ++r) {
+    row_max[r] = static_cast<double>(mp[r]);
+    if (std::isinf(mp[r])) mp[r] = 0;  // an all -inf (or +inf) row: keep x - m meaningful
+  }
+  x.sub_(m.unsqueeze(1)).clamp_min_(kLogFloor);
+  at::exp_out(e, x);
+  at::sum_out(s, e, {1});
+  if (want_entropy) at::sum_out(u, e.mul_(x), {1});
+  const scalar_t* sp = s.data_ptr<scalar_t>();
+  const scalar_t* up = u.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < bn; ++r) {
+    if (row_max[r] == kNegInf) {
+      tile_lse[r] = kNegInf;
+      tile_ent[r] = 0.0;
+      continue;
+    }
+    const double ls = std::log(static_cast<double>(sp[r]));
+    tile_lse[r] = row_max[r] + ls;
+    tile_ent[r] = want_entropy ? ls - static_cast<double>(up[r]) / static_cast<double>(sp[r])
+                               : 0.0;
+  }
+}
+
+// Forward driver. `produce(ws, r0, r1, v0, v1)` returns the transformed tile z'[r0:r1, v0:v1]
+// (contiguous, compute dtype, normally a view of ws.x that the driver may modify). Work items
+// are (row tile, vocabulary group) pairs; with few row tiles the vocabulary is split into
+// groups whose statistics are merged at the end, so that small N still uses every thread.
 template <typename scalar_t, typename Producer>
 RowStats forward_driver(int64_t N, int64_t V, const int64_t* target, const int64_t* extra_ids,
-                        int64_t K, bool want_entropy, Producer produce) {
+                        int64_t K, bool want_entropy, at::TensorOptions copts, Producer produce) {
   const int64_t nt = ceil_div(N, kBlockN), nc = ceil_div(V, kBlockV);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t groups = 1;
-  if (nt < 2 * threads) groups = std::min<int64_t>(nc, ceil_div(2 * threads, std::max<int64_t>(nt, 1)));
+  if (nt < 2 * threads)
+    groups = std::min<int64_t>(nc, ceil_div(2 * threads, std::max<int64_t>(nt, 1)));
   const int64_t cpg = ceil_div(nc, std::max<int64_t>(groups, 1));
   groups = std::max<int64_t>(1, ceil_div(nc, cpg));
 
@@ -112,13 +167,15 @@ RowStats forward_driver(int64_t N, int64_t V, const int64_t* target, const int64
   out.extra.assign(N * K, 0.0);
 
   at::parallel_for(0, nt * groups, 1, [&](int64_t begin, int64_t end) {
+    Workspace ws(copts);
+    std::vector<double> tl(kBlockN), te(kBlockN);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t ti = w / groups, g = w % groups;
       const int64_t r0 = ti * kBlockN, r1 = std::min(N, r0 + kBlockN), bn = r1 - r0;
       const int64_t c_end = std::min(nc, (g + 1) * cpg);
       for (int64_t c = g * cpg; c < c_end; ++c) {
         const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV), bv = v1 - v0;
-        at::Tensor x = produce(r0, r1, v0, v1);
+        at::Tensor x = produce(ws, r0, r1, v0, v1);
         const scalar_t* xp = x.data_ptr<scalar_t>();
         // Gather the target and extra columns that fall in this tile.
         for (int64_t r = 0; r < bn; ++r) {
@@ -130,19 +187,9 @@ RowStats forward_driver(int64_t N, int64_t V, const int64_t* target, const int64
               out.extra[(r0 + r) * K + k] = static_cast<double>(xp[r * bv + (e - v0)]);
           }
         }
-        at::Tensor tl = at::logsumexp(x, {1});
-        at::Tensor te;
-        if (want_entropy) {
-          at::Tensor shift = tl.masked_fill(tl.isinf(), 0.0).unsqueeze(1);
-          at::Tensor lq = x.sub_(shift).clamp_min_(kLogFloor);
-          te = lq.exp().mul_(lq).sum(1).neg_();
-        }
-        const scalar_t* tlp = tl.data_ptr<scalar_t>();
-        const scalar_t* tep = want_entropy ? te.data_ptr<scalar_t>() : nullptr;
-        for (int64_t r = 0; r < bn; ++r) {
-          merge_stats(lse_part[g * N + r0 + r], ent_part[g * N + r0 + r],
-                      static_cast<double>(tlp[r]), tep ? static_cast<double>(tep[r]) : 0.0);
-        }
+        tile_stats<scalar_t>(x, ws, bn, bv, want_entropy, tl.data(), te.data());
+        for (int64_t r = 0; r < bn; ++r)
+          merge_stats(lse_part[g * N + r0 + r], ent_part[g * N + r0 + r], tl[r], te[r]);
       }
     }
   });
@@ -187,20 +234,23 @@ inline at::Tensor row_coefficient(const at::Tensor& grad_logp, const at::Tensor&
   return G.contiguous();
 }
 
-// Turn the transformed tile x = z'[r0:r1, v0:v1] into dz (gradient w.r.t. the raw logit z) in
-// place and return it. lse/ent/G/gH are [N] tensors of the compute dtype (gH may be undefined).
+// Turn the transformed tile x = z'[r0:r1, v0:v1] into dz (gradient w.r.t. the raw logit z),
+// written into the workspace tile ws.e, and return it. `tanh_tile` holds tanh(z / c) with a
+// softcap (it is overwritten). lse/ent/G/gH are [N] tensors of the compute dtype (gH may be
+// undefined: no entropy gradient).
 template <typename scalar_t>
-at::Tensor tile_backward(at::Tensor x, const at::Tensor& tanh_tile, int64_t r0, int64_t r1,
-                         int64_t v0, int64_t v1, const at::Tensor& lse, const at::Tensor& ent,
-                         const at::Tensor& G, const at::Tensor& gH, const int64_t* target,
-                         const scalar_t* gy, const int64_t* extra_ids, int64_t K,
-                         const scalar_t* ge, const Params& P) {
+at::Tensor tile_backward(at::Tensor& x, at::Tensor& tanh_tile, Workspace& ws, int64_t r0,
+                         int64_t r1, int64_t v0, int64_t v1, const at::Tensor& lse,
+                         const at::Tensor& ent, const at::Tensor& G, const at::Tensor& gH,
+                         const int64_t* target, const scalar_t* gy, const int64_t* extra_ids,
+                         int64_t K, const scalar_t* ge, const Params& P) {
   const int64_t bn = r1 - r0, bv = v1 - v0;
   auto col = [&](const at::Tensor& t) { return t.narrow(0, r0, bn).unsqueeze(1); };
-  at::Tensor lp = x.sub_(col(lse));  // log p
-  at::Tensor p = lp.exp();
+  at::Tensor lp = x.sub_(col(lse)).clamp_min_(kLogFloor);  // log p (p == 0 below the floor)
+  at::Tensor p = Workspace::tile(ws.e, bn, bv);
+  at::exp_out(p, lp);
   if (gH.defined()) {
-    lp.clamp_min_(kLogFloor).add_(col(ent)).mul_(col(gH)).add_(col(G));
+    lp.add_(col(ent)).mul_(col(gH)).add_(col(G));
     p.mul_(lp).neg_();
   } else {
     p.mul_(col(G)).neg_();
@@ -215,10 +265,13 @@ at::Tensor tile_backward(at::Tensor x, const at::Tensor& tanh_tile, int64_t r0, 
     }
   }
   if (P.softcap > 0.0) {
-    // d(c tanh(z/c))/dz = 1 - tanh^2
-    p.mul_(at::neg(tanh_tile.square()).add_(1.0));
+    // d(c tanh(z/c))/dz = 1 - tanh^2, folded with 1 / tau
+    tanh_tile.mul_(tanh_tile).neg_().add_(1.0);
+    if (P.inv_tau != 1.0) tanh_tile.mul_(P.inv_tau);
+    p.mul_(tanh_tile);
+  } else if (P.inv_tau != 1.0) {
+    p.mul_(P.inv_tau);
   }
-  if (P.inv_tau != 1.0) p.mul_(P.inv_tau);
   return p;
 }
 
