@@ -1,0 +1,278 @@
+"""The training configuration: one typed dataclass, loaded from YAML plus ``key=value``
+overrides, validated up front. Every error names the offending key.
+
+    cfg = load_config("configs/random_number.yaml", ["steps=10", "lr=1e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class Config:
+    # model -------------------------------------------------------------------------------
+    model: str = "smollm2"  # "smollm2" (packaged GGUF), "tiny", a hub name, a directory or a .gguf
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"  # "sdpa", "eager" or "flash_attention_2"
+    dtype: str = "float32"  # float32, bfloat16, float16
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    # task --------------------------------------------------------------------------------
+    task: str = "random_number"  # "random_number" or "continuation"
+    data_path: str | None = None
+    prompt: str | None = None
+    termination: str = ","
+    task_low: int = 0
+    task_high: int = 100
+    invalid_log_reward: float = -20.0
+    reward_model: str = "initial"  # continuation: "initial" (frozen copy of the initial policy)
+    reward_temperature: float = 1.0
+    reward_temperature_end: float | None = None  # linear schedule to this value
+    reward_temperature_steps: int = 0
+    # sampling ----------------------------------------------------------------------------
+    batch_size: int = 32
+    max_new_tokens: int = 4
+    min_new_tokens: int = 0
+    explore_prob: float = 0.5
+    explore_temp_low: float = 1.0
+    explore_temp_high: float = 2.0
+    explore_vocab_prob: float = 0.0  # rows sampled with the vocabulary restricted to the task's
+    #                                  allowed tokens (the random-number task: digits + termination)
+    replay_prob: float = 0.5
+    replay_size: int = 256
+    replay_min_distance: int = 0  # near-duplicate threshold (token edit distance); 0: exact only
+    # loss --------------------------------------------------------------------------------
+    loss: str = "subtb"  # "subtb", "tb", "vargrad", "db"
+    subtb_lambda: float = 1.0
+    log_z_init: float = 0.0
+    log_z_lr: float = 0.1
+    # optimisation ------------------------------------------------------------------------
+    steps: int = 200
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"  # "constant" or "cosine" (decays to lr * lr_min_ratio at steps)
+    lr_min_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    same_data_all_ranks: bool = False  # every rank samples the same data (tests)
+    num_threads: int = 0  # torch CPU threads; 0: leave torch's default
+    use_fused_logprobs: bool = True
+    # evaluation --------------------------------------------------------------------------
+    eval_samples: int = 4096
+    eval_batch_size: int = 1024
+    eval_before: bool = True
+    eval_every: int = 0
+    histogram: bool = True
+    # run, logging and checkpoints -------------------------------------------------------
+    output_dir: str = "runs/default"
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    export_dir: str | None = None
+    tensorboard: bool = True
+    progress: bool = True
+    deepspeed_config: str | None = None
+    extra: dict = field(default_factory=dict)  # free-form, unvalidated
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "task": ("random_number", "continuation"),
+    "loss": ("subtb", "tb", "vargrad", "db"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "reward_model": ("initial",),
+    "lr_schedule": ("constant", "cosine"),
+}
+_POSITIVE = (
+    "batch_size",
+    "max_new_tokens",
+    "steps",
+    "lr",
+    "grad_accum",
+    "eval_batch_size",
+    "reward_temperature",
+    "explore_temp_low",
+    "explore_temp_high",
+    "tiny_hidden",
+    "tiny_layers",
+    "lora_r",
+    "replay_size",
+    "keep_checkpoints",
+)
+_NON_NEGATIVE = (
+    "min_new_tokens",
+    "warmup_steps",
+    "grad_clip",
+    "weight_decay",
+    "eval_samples",
+    "eval_every",
+    "save_every",
+    "log_z_lr",
+    "replay_min_distance",
+    "num_threads",
+    "reward_temperature_steps",
+    "subtb_lambda",
+    "lora_dropout",
+)
+_PROBS = ("explore_prob", "replay_prob", "explore_vocab_prob", "lr_min_ratio")
+
+
+def _field_types() -> dict[str, object]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value, typ):
+    """Convert ``value`` (from YAML or a ``key=value`` string) to the field type ``typ``."""
+    args = typing.get_args(typ)
+    optional = (typing.get_origin(typ) in (typing.Union, types.UnionType)) and type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    if typ is dict or typing.get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _unknown(key: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(Config)]
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"{key}: unknown configuration key{hint}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and choices; raise ``ConfigError`` naming the key."""
+    for key, choices in _CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"{key}: must be one of {choices}, got {getattr(cfg, key)!r}")
+    for key in _POSITIVE:
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"{key}: must be > 0, got {getattr(cfg, key)!r}")
+    for key in _NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {getattr(cfg, key)!r}")
+    for key in _PROBS:
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"{key}: must be a probability in [0, 1], got {getattr(cfg, key)!r}")
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        raise ConfigError(
+            f"min_new_tokens: must be <= max_new_tokens ({cfg.max_new_tokens}), "
+            f"got {cfg.min_new_tokens}"
+        )
+    if cfg.explore_temp_low > cfg.explore_temp_high:
+        raise ConfigError(
+            f"explore_temp_low: must be <= explore_temp_high ({cfg.explore_temp_high}), "
+            f"got {cfg.explore_temp_low}"
+        )
+    if cfg.task_low > cfg.task_high:
+        raise ConfigError(f"task_low: must be <= task_high ({cfg.task_high}), got {cfg.task_low}")
+    if cfg.reward_temperature_end is not None and cfg.reward_temperature_end <= 0:
+        raise ConfigError(f"reward_temperature_end: must be > 0, got {cfg.reward_temperature_end}")
+    if not cfg.termination:
+        raise ConfigError("termination: must name a token (for example ',' or 'eos')")
+    if cfg.task == "continuation" and not cfg.data_path:
+        raise ConfigError("data_path: the continuation task needs a prompts file")
+    if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
+        raise ConfigError(f"deepspeed_config: no such file {cfg.deepspeed_config!r}")
+    return cfg
+
+
+def from_dict(values: dict, base: Config | None = None) -> Config:
+    types_ = _field_types()
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    for key, value in values.items():
+        if key not in types_:
+            raise _unknown(key)
+        setattr(cfg, key, _coerce(key, value, types_[key]))
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides must look like key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then validation."""
+    cfg = Config()
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: no such file {str(path)!r}")
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of key: value")
+        cfg = from_dict(data, cfg)
+    if overrides:
+        cfg = from_dict(parse_overrides(overrides), cfg)
+    return validate(cfg)

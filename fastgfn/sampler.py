@@ -1,0 +1,183 @@
+"""Batched sampling of continuations with no gradient, sharing one prompt's KV cache.
+
+Every row of a batch continues the same prompt. The prompt runs once (batch 1); its KV cache
+is expanded over the batch and decoding proceeds one token per step for all rows. A row
+stops when it samples the termination token; afterwards it is fed ``pad_token_id`` and its
+outputs are ignored. All rows decode the same number of steps; under ``torch.distributed``
+the "every row is done" flag is all-reduced so that every rank runs the same number of
+forward passes (ZeRO-3 gathers parameters collectively inside each forward, so a rank that
+stopped early would hang the others).
+
+The behaviour policy may differ from the policy being trained (GFlowNet losses are
+off-policy): a per-row temperature, an additive vocabulary bias (``-inf`` forbids a token)
+and a minimum length (termination forbidden before it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """Sampled continuations of one prompt.
+
+    ``tokens[b, t]`` is the t-th generated token of row b for ``t < lengths[b]`` and
+    ``pad_token_id`` after it; the termination token itself is not stored (it is implied by
+    ``terminated[b]``). ``lengths[b]`` counts generated tokens before termination; a row that
+    reached ``max_new_tokens`` without terminating has ``terminated[b] = False``.
+    """
+
+    tokens: torch.Tensor  # [B, T] long
+    lengths: torch.Tensor  # [B] long
+    terminated: torch.Tensor  # [B] bool
+    temperatures: torch.Tensor  # [B] float
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self) -> list[list[int]]:
+        """The generated token ids of every row, without padding."""
+        toks = self.tokens.tolist()
+        return [r[:n] for r, n in zip(toks, self.lengths.tolist())]
+
+
+def draw_temperatures(
+    batch_size: int,
+    *,
+    prob: float,
+    low: float,
+    high: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Tempered exploration: with probability ``prob`` a row's temperature is drawn uniformly
+    from ``[low, high]``, otherwise it is 1."""
+    u = torch.rand(batch_size, generator=generator)
+    t = low + (high - low) * torch.rand(batch_size, generator=generator)
+    return torch.where(u < prob, t, torch.ones_like(t))
+
+
+def cache_kwarg(model) -> str:
+    """The name under which this transformers version takes a KV cache ("cache" from 5.2x,
+    "past_key_values" before)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    params = inspect.signature(type(decoder).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def expand_cache(cache, batch_size: int):
+    """Expand a batch-1 DynamicCache over ``batch_size`` rows without copying (views)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(batch_size, *layer.keys.shape[1:])
+        layer.values = layer.values.expand(batch_size, *layer.values.shape[1:])
+    return cache
+
+
+def keep_in_rows(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Positions within ``rows`` (sorted) of the batch rows ``keep`` (a subset)."""
+    return torch.searchsorted(rows, keep)
+
+
+def _select_rows(cache, index: torch.Tensor) -> None:
+    for layer in cache.layers:
+        layer.keys = layer.keys[index]
+        layer.values = layer.values[index]
+
+
+def _all_done(done: torch.Tensor) -> bool:
+    flag = done.all().to(torch.int32)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = flag.clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    batch_size: int,
+    *,
+    max_new_tokens: int,
+    termination_token_id: int,
+    min_new_tokens: int = 0,
+    temperatures: torch.Tensor | float = 1.0,
+    vocab_bias: torch.Tensor | None = None,
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+    param_context=None,
+) -> Rollout:
+    """Sample ``batch_size`` continuations of ``prompt_ids`` (1-D) from ``model``.
+
+    ``param_context`` is an optional context manager entered once around the whole rollout
+    (the DeepSpeed engine passes one that gathers ZeRO-3 parameters once, not per token).
+    """
+    if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
+        raise ValueError(
+            f"prompt_ids must be a non-empty 1-D tensor, got {tuple(prompt_ids.shape)}"
+        )
+    if vocab_bias is not None and vocab_bias.dim() == 2 and vocab_bias.shape[0] != batch_size:
+        raise ValueError(
+            f"vocab_bias must be [V] or [{batch_size}, V], got {tuple(vocab_bias.shape)}"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {min_new_tokens}")
+    device = prompt_ids.device
+    B = batch_size
+    if not torch.is_tensor(temperatures):
+        temperatures = torch.full((B,), float(temperatures))
+    temperatures = temperatures.to(device=device, dtype=torch.float32)
+    if temperatures.shape != (B,):
+        raise ValueError(f"temperatures must have shape ({B},), got {tuple(temperatures.shape)}")
+    ctx = param_context if param_context is not None else contextlib.nullcontext()
+    kw = cache_kwarg(model)
+    with ctx:
+        out = model(input_ids=prompt_ids[None], use_cache=True, logits_to_keep=1)
+        cache = expand_cache(output_cache(out), B)
+        logits = out.logits[:, -1].expand(B, -1)
+        tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)  # the rows the cache holds
+        for t in range(max_new_tokens):
+            z = logits.float() / temperatures[:, None]
+            if vocab_bias is not None:
+                z = z + vocab_bias.to(device=device, dtype=z.dtype)  # [V] or per row [B, V]
+            if t < min_new_tokens:
+                z = z.clone()
+                z[:, termination_token_id] = float("-inf")
+            probs = torch.softmax(z, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            stop = (nxt == termination_token_id) & ~done
+            keep = ~done & ~stop
+            tokens[:, t] = torch.where(keep, nxt, torch.full_like(nxt, pad_token_id))
+            lengths += keep.long()
+            done |= stop
+            if t == max_new_tokens - 1 or _all_done(done):
+                break
+            # Decode only the rows still running (at least one, so every rank runs a forward).
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:  # other ranks still decode: run a dummy row
+                keep = rows[:1]
+            if keep.numel() < rows.numel():
+                _select_rows(cache, keep_in_rows(rows, keep))
+                rows = keep
+            out = model(input_ids=tokens[rows, t : t + 1], use_cache=True, **{kw: cache})
+            cache = output_cache(out)
+            logits = torch.zeros(B, out.logits.shape[-1], dtype=out.logits.dtype, device=device)
+            logits[rows] = out.logits[:, -1]
+    T = int(lengths.max().item()) if B else 0
+    return Rollout(tokens[:, : max(T, 1)].contiguous(), lengths, done.clone(), temperatures)

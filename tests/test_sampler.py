@@ -1,0 +1,192 @@
+import pytest
+import torch
+
+from fastgfn.config import load_config
+from fastgfn.models import build_tiny
+from fastgfn.sampler import draw_temperatures, sample
+from fastgfn.scoring import gfn_logprobs, token_logprobs_ref
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config(None, ["model=tiny", "tiny_hidden=32"])
+    model, tok = build_tiny(cfg, seed=3)
+    return model.eval(), tok
+
+
+def _full_logprobs(model, prompt, tokens):
+    ids = torch.cat([prompt[None].expand(tokens.shape[0], -1), tokens], 1)
+    logits = model(input_ids=ids).logits.float()
+    return torch.log_softmax(logits[:, prompt.numel() - 1 :], -1)  # states s_0..s_T
+
+
+def test_scoring_matches_full_forward(tiny):
+    model, tok = tiny
+    prompt = torch.tensor(tok.encode("number: "))
+    tokens = torch.randint(2, len(tok), (5, 4))
+    term = tok.encode(",")[0]
+    log_pf, log_pterm = gfn_logprobs(model, prompt, tokens, term, use_fused=False)
+    ref = _full_logprobs(model, prompt, tokens)
+    assert log_pf.shape == (5, 4) and log_pterm.shape == (5, 5)
+    torch.testing.assert_close(
+        log_pf, ref[:, :4].gather(2, tokens[..., None]).squeeze(2), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(log_pterm, ref[:, :, term], atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_gradient_through_shared_prompt(tiny):
+    model, tok = tiny
+    prompt = torch.tensor(tok.encode("abc "))
+    tokens = torch.randint(2, len(tok), (3, 2))
+    model.zero_grad()
+    log_pf, log_pterm = gfn_logprobs(model, prompt, tokens, 5, use_fused=False)
+    (log_pf.sum() + log_pterm.sum()).backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = _full_logprobs(model, prompt, tokens)
+    (ref[:, :2].gather(2, tokens[..., None]).sum() + ref[:, :, 5].sum()).backward()
+    for a, p in zip(g1, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
+def test_token_logprobs_ref():
+    h = torch.randn(7, 5)
+    w = torch.randn(11, 5)
+    y = torch.randint(0, 11, (7,))
+    lp, ext = token_logprobs_ref(h, w, y, [3, 4], temperature=2.0)
+    full = torch.log_softmax(h @ w.T / 2.0, -1)
+    torch.testing.assert_close(lp, full.gather(1, y[:, None]).squeeze(1))
+    torch.testing.assert_close(ext, full[:, [3, 4]])
+
+
+def test_sample_stops_pads_and_respects_bias(tiny):
+    model, tok = tiny
+    prompt = torch.tensor(tok.encode("x"))
+    term = tok.encode(",")[0]
+    bias = torch.full((len(tok),), float("-inf"))
+    allowed = tok.encode("0123,")
+    bias[allowed] = 0.0
+    g = torch.Generator().manual_seed(0)
+    r = sample(
+        model,
+        prompt,
+        64,
+        max_new_tokens=5,
+        min_new_tokens=1,
+        termination_token_id=term,
+        vocab_bias=bias,
+        generator=g,
+        pad_token_id=0,
+    )
+    assert r.tokens.shape[0] == 64 and r.tokens.shape[1] <= 5
+    assert (r.lengths >= 1).all()  # termination forbidden before min_new_tokens
+    for row, n, done in zip(r.tokens.tolist(), r.lengths.tolist(), r.terminated.tolist()):
+        assert all(t in allowed[:-1] for t in row[:n])
+        assert all(t == 0 for t in row[n:])
+        assert done or n == 5
+    assert r.terminated.any() and not r.terminated.all()
+
+
+def test_sample_matches_policy_distribution(tiny):
+    """One-step sampling frequencies follow the model's (tempered) next-token distribution."""
+    model, tok = tiny
+    prompt = torch.tensor(tok.encode("hi"))
+    g = torch.Generator().manual_seed(1)
+    r = sample(
+        model, prompt, 4000, max_new_tokens=1, termination_token_id=1, generator=g, temperatures=2.0
+    )
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=prompt[None]).logits[0, -1] / 2.0, -1)
+    first = torch.where(r.terminated, torch.ones_like(r.lengths), r.tokens[:, 0])
+    freq = torch.bincount(first, minlength=len(tok)).float() / 4000
+    assert (freq - p).abs().max() < 0.03
+
+
+def test_temperatures():
+    g = torch.Generator().manual_seed(0)
+    t = draw_temperatures(1000, prob=0.3, low=1.5, high=2.5, generator=g)
+    tempered = t != 1.0
+    assert 0.2 < tempered.float().mean() < 0.4
+    assert ((t[tempered] >= 1.5) & (t[tempered] <= 2.5)).all()
+
+
+def test_sample_validates(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="prompt_ids"):
+        sample(model, torch.tensor([[1, 2]]), 2, max_new_tokens=2, termination_token_id=1)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        sample(
+            model,
+            torch.tensor([1, 2]),
+            2,
+            max_new_tokens=2,
+            min_new_tokens=3,
+            termination_token_id=1,
+        )
+
+
+def _reference_sample(model, prompt, B, T, term, temps, gen):
+    """No KV cache, no compaction: recompute every row's full sequence at every step, drawing
+    from the same generator in the same order as the sampler."""
+    tokens = torch.zeros(B, 0, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+    lengths = torch.zeros(B, dtype=torch.long)
+    for _ in range(T):
+        ids = torch.cat([prompt[None].expand(B, -1), tokens], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, -1].float()
+        logits[done] = 0.0  # finished rows: the sampler keeps zeros there
+        nxt = torch.multinomial(torch.softmax(logits / temps[:, None], -1), 1, generator=gen)
+        nxt = nxt.squeeze(1)
+        stop = (nxt == term) & ~done
+        keep = ~done & ~stop
+        tokens = torch.cat([tokens, torch.where(keep, nxt, 0)[:, None]], 1)
+        lengths += keep.long()
+        done |= stop
+        if done.all():
+            break
+    return tokens, lengths, done
+
+
+def test_sampler_matches_uncached_reference(tiny):
+    """KV-cache reuse, batch expansion and dropping finished rows change nothing."""
+    model, tok = tiny
+    prompt = torch.tensor(tok.encode("n: "))
+    term = tok.encode(",")[0]
+    temps = torch.linspace(0.3, 3.0, 24)
+    bias = torch.zeros(len(tok))
+    bias[term] = 3.0  # termination likely: rows finish at different steps and are dropped
+    r = sample(
+        model,
+        prompt,
+        24,
+        max_new_tokens=6,
+        termination_token_id=term,
+        temperatures=temps,
+        vocab_bias=bias,
+        generator=torch.Generator().manual_seed(5),
+        pad_token_id=0,
+    )
+    biased = _BiasModel(model, bias, temps)
+    ref_tokens, ref_lengths, ref_done = _reference_sample(
+        biased, prompt, 24, 6, term, torch.ones(24), torch.Generator().manual_seed(5)
+    )
+    assert 0 < int(r.terminated.sum()) < 24 or len(set(r.lengths.tolist())) > 1
+    assert r.lengths.tolist() == ref_lengths.tolist()
+    assert r.terminated.tolist() == ref_done.tolist()
+    T = r.tokens.shape[1]
+    assert r.tokens.tolist() == ref_tokens[:, :T].tolist()
+
+
+class _BiasModel(torch.nn.Module):
+    """Folds the sampler's temperature and vocabulary bias into the logits (reference)."""
+
+    def __init__(self, model, bias, temps):
+        super().__init__()
+        self.model, self.bias, self.temps = model, bias, temps
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids)
+        out.logits = out.logits.float() / self.temps[:, None, None] + self.bias
+        return out
