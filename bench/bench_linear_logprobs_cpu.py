@@ -12,6 +12,7 @@ fused op on a small shape first.
 
     .venv/bin/python -m bench.bench_linear_logprobs_cpu                # N=4096 H=576 V=49152
     .venv/bin/python -m bench.bench_linear_logprobs_cpu --n 1024 --reps 2
+    .venv/bin/python -m pytest bench/bench_linear_logprobs_cpu.py --benchmark-only  # small shape
 """
 
 from __future__ import annotations
@@ -214,6 +215,35 @@ def main() -> None:
             f"| {r['variant']} | {r['ms']:.0f} | {speed} | {r['peak_rss_mb']:.0f} | "
             f"{r['peak_over_inputs_mb']:.0f} | {mem} |"
         )
+
+
+# pytest-benchmark entry point (a small shape; memory is only measured by the script) ---------
+
+
+def _pytest_case(variant):
+    import torch
+
+    step = make_step(variant)
+    g = torch.Generator().manual_seed(0)
+    n, hdim, vocab = 512, 576, 8192
+    h = torch.randn(n, hdim, generator=g).requires_grad_()
+    w = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).requires_grad_()
+    target = torch.randint(0, vocab, (n,), generator=g)
+    return step, (h, w, target, torch.randn(n, generator=g), torch.randn(n, generator=g))
+
+
+try:
+    import pytest
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_linear_logprobs_cpu(benchmark, variant):
+        step, args = _pytest_case(variant)
+        if step is None:
+            pytest.skip("not available in this torch")
+        benchmark(step, *args)
+
+except ImportError:  # the script runs without pytest
+    pass
 
 
 if __name__ == "__main__":
