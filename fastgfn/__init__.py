@@ -33,6 +33,7 @@ __all__ = [
     "vargrad_loss",
 ]
 
+from fastgfn.lm_logprobs import causal_lm_gfn_logprobs, lm_head_logprobs  # noqa: E402
 from fastgfn.ops.logprobs import (  # noqa: E402
     LinearTokenLogProbs,
     TokenLogProbs,
@@ -42,6 +43,8 @@ from fastgfn.ops.logprobs import (  # noqa: E402
 )
 
 __all__ += [
+    "causal_lm_gfn_logprobs",
+    "lm_head_logprobs",
     "LinearTokenLogProbs",
     "TokenLogProbs",
     "TokenLogProbsLayer",

@@ -443,3 +443,43 @@ def test_modules_and_exports():
     )
     assert fastgfn.linear_token_logprobs is linear_token_logprobs
     assert fastgfn.token_logprobs is token_logprobs
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_float64(backend):
+    logits, target, extra, vb = make_logits_case(4, 13, seed=47, bias=True, peaked=False)
+
+    def f(lg):
+        out = token_logprobs(
+            lg,
+            target,
+            extra,
+            vocab_bias=vb,
+            softcap=4.0,
+            temperature=0.8,
+            return_entropy=True,
+            return_lse=True,
+            backend=backend,
+        )
+        return out.logp, out.extra, out.entropy, out.lse
+
+    torch.autograd.gradcheck(f, (logits.clone().requires_grad_(),))
+    h, w, b, target, extra, vb = make_linear_case(4, 13, 5, seed=53, bias=True, peaked=False)
+
+    def g(h, w, b):
+        out = linear_token_logprobs(
+            h,
+            w,
+            target,
+            b,
+            extra,
+            vocab_bias=vb,
+            softcap=4.0,
+            temperature=1.3,
+            return_entropy=True,
+            return_lse=True,
+            backend=backend,
+        )
+        return out.logp, out.extra, out.entropy, out.lse
+
+    torch.autograd.gradcheck(g, tuple(t.clone().requires_grad_() for t in (h, w, b)))
