@@ -87,6 +87,7 @@ class Config:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    stop_after_steps: int = 0  # checkpoint and exit after this many steps of this invocation
     export_dir: str | None = None
     tensorboard: bool = True
     progress: bool = True

@@ -1,0 +1,303 @@
+"""The optimisation engine: the model, its optimiser, a learned log Z and checkpoints.
+
+Two implementations behind one interface:
+
+- ``TorchEngine``: one plain process, torch AdamW, linear warm-up, gradient clipping.
+- ``DeepSpeedEngine``: ``deepspeed.initialize`` with a ZeRO-2 or ZeRO-3 config (gloo on CPU,
+  nccl on GPUs). This is the only module of fastgfn that imports deepspeed.
+
+log Z is a scalar parameter held by the engine with its own Adam (learning rate
+``log_z_lr``); across ranks its gradient is all-reduced (averaged) so every rank keeps the
+same value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+def _dist():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if _dist() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if _dist() else 1
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def lr_factor(step: int, cfg) -> float:
+    """Linear warm-up, then constant or cosine decay to ``lr_min_ratio`` at ``steps``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    f = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * f))
+
+
+class _LogZ:
+    def __init__(self, init: float, lr: float):
+        self.param = torch.nn.Parameter(torch.tensor(float(init)))
+        self.opt = torch.optim.Adam([self.param], lr=lr) if lr > 0 else None
+
+    def step(self):
+        if self.opt is None or self.param.grad is None:
+            return
+        if world_size() > 1:
+            torch.distributed.all_reduce(self.param.grad, op=torch.distributed.ReduceOp.SUM)
+            self.param.grad /= world_size()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return {
+            "value": float(self.param.detach()),
+            "opt": self.opt.state_dict() if self.opt is not None else None,
+        }
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.param.fill_(state["value"])
+        if self.opt is not None and state.get("opt") is not None:
+            self.opt.load_state_dict(state["opt"])
+
+
+class TorchEngine:
+    """Single-process training with torch AdamW."""
+
+    kind = "torch"
+
+    def __init__(self, model, cfg):
+        self.module = model
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg)
+        )
+        self.log_z = _LogZ(cfg.log_z_init, cfg.log_z_lr)
+        self._micro = 0
+
+    # training ----------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum).backward()
+        self._micro += 1
+
+    def is_step_boundary(self) -> bool:
+        return self._micro % self.cfg.grad_accum == 0
+
+    def step(self) -> float:
+        """Optimiser step at a gradient-accumulation boundary; returns the gradient norm."""
+        if not self.is_step_boundary():
+            return float("nan")
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.log_z.step()
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def param_context(self):
+        return contextlib.nullcontext()
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+
+    # checkpoints -------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().clone() for k, v in self.module.state_dict().items()}
+        _dedupe_shared(state)
+        save_file(state, str(directory / "model.safetensors"))
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "log_z": self.log_z.state_dict(),
+                "micro": self._micro,
+            },
+            directory / "optimizer.pt",
+        )
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"))
+        missing, unexpected = self.module.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not _is_tied(self.module, k)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+        opt = torch.load(directory / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        self.log_z.load_state_dict(opt["log_z"])
+        self._micro = opt["micro"]
+
+    def unwrapped(self):
+        return self.module
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        yield self.module
+
+
+def _dedupe_shared(state: dict) -> None:
+    """Drop tied duplicates (safetensors refuses shared storage)."""
+    seen = {}
+    for k in list(state):
+        key = (state[k].data_ptr(), state[k].shape)
+        if key in seen:
+            del state[k]
+        else:
+            seen[key] = k
+
+
+def _is_tied(model, key: str) -> bool:
+    return "lm_head" in key and getattr(model.config, "tie_word_embeddings", False)
+
+
+class DeepSpeedEngine:
+    """ZeRO-2 / ZeRO-3 training through DeepSpeed. Build the model under
+    :func:`zero3_init_context` when the config is ZeRO-3."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model, cfg, ds_config: dict):
+        import deepspeed
+
+        self.cfg = cfg
+        self.ds_config = ds_config
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.module = self.engine.module
+        self.device = self.engine.device
+        self.log_z = _LogZ(cfg.log_z_init, cfg.log_z_lr)
+        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def is_step_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def step(self) -> float:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if not boundary:
+            return float("nan")
+        self.log_z.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def param_context(self):
+        """Gather ZeRO-3 parameters once for a whole rollout (not once per token)."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def train(self, mode: bool = True):
+        self.engine.train(mode)
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(
+            str(directory.parent),
+            tag=directory.name,
+            client_state={"log_z": self.log_z.state_dict()},
+            save_latest=False,
+        )
+
+    def load(self, directory: Path) -> None:
+        _, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
+        if client and "log_z" in client:
+            self.log_z.load_state_dict(client["log_z"])
+
+    def unwrapped(self):
+        return self.module
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """The full (gathered) parameters on every rank, e.g. for export."""
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(
+                list(self.module.parameters()), modifier_rank=None
+            ):
+                yield self.module
+        else:
+            yield self.module
+
+
+def load_ds_config(cfg) -> dict:
+    with open(cfg.deepspeed_config) as fh:
+        ds = json.load(fh)
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds.pop("train_batch_size", None)
+    ds["gradient_clipping"] = cfg.grad_clip
+    return ds
+
+
+def init_distributed() -> None:
+    """Join the process group the DeepSpeed launcher set up (gloo on CPU, nccl on GPUs)."""
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def zero3_init_context(ds_config: dict):
+    """Context in which a model is built already partitioned (ZeRO-3)."""
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        return contextlib.nullcontext()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return _KeepAlive(HfDeepSpeedConfig(ds_config))
+
+
+class _KeepAlive(contextlib.AbstractContextManager):
+    """HfDeepSpeedConfig works through a weak reference: keep it alive for the run."""
+
+    held = []
+
+    def __init__(self, obj):
+        self.held.append(obj)
+
+    def __exit__(self, *exc):
+        return False
+
+
+def launched_by_deepspeed() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
