@@ -190,3 +190,25 @@ class _BiasModel(torch.nn.Module):
         out = self.model(input_ids=input_ids)
         out.logits = out.logits.float() / self.temps[:, None, None] + self.bias
         return out
+
+
+def test_scoring_fused_op_matches_reference(tiny):
+    """The fused log-prob op (when present) gives the reference's values and gradients."""
+    from fastgfn.scoring import _fused_op
+
+    if _fused_op() is None:
+        pytest.skip("fastgfn.ops.logprobs.linear_token_logprobs is not available")
+    model, tok = tiny
+    prompt = torch.tensor(tok.encode("q: "))
+    tokens = torch.randint(2, len(tok), (4, 3))
+    outs, grads = [], []
+    for fused in (False, True):
+        model.zero_grad()
+        log_pf, log_pterm = gfn_logprobs(model, prompt, tokens, 7, use_fused=fused)
+        (log_pf.sum() + 0.5 * log_pterm.sum()).backward()
+        outs.append((log_pf.detach(), log_pterm.detach()))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
