@@ -226,6 +226,21 @@ def test_cpp_matches_reference_backend_across_tiles():
         torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_backward_row_blocks(monkeypatch, dtype):
+    """The backward walks rows in blocks (bounded per-thread dh buffers); force 3 blocks."""
+    monkeypatch.setenv("FASTGFN_LOGPROBS_ROW_BLOCK", "256")
+    h, w, b, target, extra, vb = make_linear_case(600, 700, 24, seed=59, bias=True)
+    check_against_reference(
+        "linear",
+        "cpp",
+        (h, w, b, target, extra),
+        dict(vocab_bias=vb, softcap=10.0, return_entropy=True, return_lse=True),
+        dtype,
+        seed=6,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Registration: opcheck, torch.compile, the no-grad path
 # --------------------------------------------------------------------------------------------

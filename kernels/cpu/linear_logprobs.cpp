@@ -11,10 +11,13 @@
 // dz (logprobs_common.h), and accumulate
 //     dW[v0:v1] += dz^T h_tile,   db[v0:v1] += sum_rows dz,   dh_tile += dz W[v0:v1].
 // Threads own vocabulary chunks, so each chunk of dW (and db) is accumulated by one thread in
-// fp32 (double for double inputs) over all token tiles and written once; dh is accumulated in a
-// per-thread [N, H] buffer in the compute dtype and the buffers are summed at the end. Memory:
-// O(threads * (N H + tile)), never O(N V).
+// fp32 (double for double inputs) over all token tiles and written once; dh is accumulated in
+// per-thread [rows, H] buffers in the compute dtype, summed at the end. Rows are processed in
+// blocks that keep those buffers within ~64 MiB (several blocks: dW accumulates across them in
+// an fp32 [V, H] buffer). Memory: O(V H + min(N H threads, 64 MiB) + tiles), never O(N V).
 #include <torch/library.h>
+
+#include <cstdlib>
 
 #include "logprobs_common.h"
 
@@ -117,6 +120,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forwa
   return {out[0], out[1], out[2], out[3]};
 }
 
+// Rows per backward block: the per-thread dh buffers (threads x rows x H) stay within ~64 MiB,
+// so that memory does not grow with N times the thread count. FASTGFN_LOGPROBS_ROW_BLOCK
+// overrides it (tests use it to exercise several blocks on small inputs).
+int64_t backward_row_block(int64_t N, int64_t H, int64_t threads, size_t elem) {
+  if (const char* env = std::getenv("FASTGFN_LOGPROBS_ROW_BLOCK")) {
+    const int64_t r = std::atoll(env);
+    if (r > 0) return std::min<int64_t>(std::max<int64_t>(N, 1), r);
+  }
+  const int64_t budget = int64_t(64) << 20;
+  int64_t r = budget / std::max<int64_t>(1, threads * H * static_cast<int64_t>(elem));
+  r = std::max<int64_t>(kBlockN, (r / kBlockN) * kBlockN);
+  return std::min<int64_t>(std::max<int64_t>(N, 1), r);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
     const at::Tensor& grad_logp, const at::Tensor& grad_extra,
     const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& grad_lse,
@@ -149,56 +166,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   at::Tensor db = need_bias ? at::empty({V}, bias.has_value() ? bias->options() : copts)
                             : at::Tensor();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rows_per_block = backward_row_block(N, H, threads, at::elementSize(cdt));
+  const int64_t nblocks = ceil_div(N, rows_per_block), nc = ceil_div(V, kBlockV);
+  // One row block: each dW chunk is accumulated in a thread-local tile and written once.
+  // Several: dW (and db) accumulate across blocks in compute-dtype buffers.
+  at::Tensor dW_full = need_weight && nblocks > 1 ? at::zeros({V, H}, copts) : at::Tensor();
+  at::Tensor db_full = need_bias && nblocks > 1 ? at::zeros({V}, copts) : at::Tensor();
+  at::Tensor dh = need_hidden ? at::empty({N, H}, copts) : at::Tensor();
   std::vector<at::Tensor> dh_parts(threads);
-  const int64_t nt = ceil_div(N, kBlockN), nc = ceil_div(V, kBlockV);
 
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_linear_logprobs_backward", [&] {
     const scalar_t* gyp = gy.data_ptr<scalar_t>();
     const scalar_t* gep = ge.data_ptr<scalar_t>();
     const int64_t* tp = target.data_ptr<int64_t>();
     const int64_t* ep = extra.data_ptr<int64_t>();
-    at::parallel_for(0, nc, 1, [&](int64_t begin, int64_t end) {
-      const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-      if (need_hidden && !dh_parts[tid].defined()) dh_parts[tid] = at::zeros({N, H}, copts);
-      Workspace ws(copts);
-      at::Tensor dw_buf = need_weight ? at::empty({kBlockV, H}, copts) : at::Tensor();
-      at::Tensor db_buf = need_bias ? at::empty({kBlockV}, copts) : at::Tensor();
-      at::Tensor db_row = need_bias ? at::empty({kBlockV}, copts) : at::Tensor();
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV), bv = v1 - v0;
-        const at::Tensor w = tiles.weight_chunk(v0, v1);
-        at::Tensor dw_acc = need_weight ? dw_buf.narrow(0, 0, bv).zero_() : at::Tensor();
-        at::Tensor db_acc = need_bias ? db_buf.narrow(0, 0, bv).zero_() : at::Tensor();
-        for (int64_t ti = 0; ti < nt; ++ti) {
-          const int64_t r0 = ti * kBlockN, r1 = std::min(N, r0 + kBlockN);
-          at::Tensor t = Workspace::tile(ws.t, r1 - r0, bv);
-          at::Tensor x = tiles(ws, r0, r1, v0, v1, w, softcap > 0.0 ? &t : nullptr);
-          at::Tensor dz = tile_backward<scalar_t>(x, t, ws, r0, r1, v0, v1, lse, ent, G, gH, tp,
-                                                  gyp, ep, K, gep, P);
-          const at::Tensor ht = tiles.h.slice(0, r0, r1);
-          if (need_weight) dw_acc.addmm_(dz.t(), ht);
-          if (need_bias) {
-            at::Tensor part = db_row.narrow(0, 0, bv);
-            at::sum_out(part, dz, {0});
-            db_acc.add_(part);
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t R0 = blk * rows_per_block, R1 = std::min(N, R0 + rows_per_block);
+      const int64_t nt = ceil_div(R1 - R0, kBlockN);
+      for (auto& part : dh_parts)
+        if (part.defined()) part.zero_();
+      at::parallel_for(0, nc, 1, [&](int64_t begin, int64_t end) {
+        const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+        if (need_hidden && !dh_parts[tid].defined())
+          dh_parts[tid] = at::zeros({rows_per_block, H}, copts);
+        Workspace ws(copts);
+        at::Tensor dw_buf = need_weight ? at::empty({kBlockV, H}, copts) : at::Tensor();
+        at::Tensor db_buf = need_bias ? at::empty({kBlockV}, copts) : at::Tensor();
+        at::Tensor db_row = need_bias ? at::empty({kBlockV}, copts) : at::Tensor();
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV), bv = v1 - v0;
+          const at::Tensor w = tiles.weight_chunk(v0, v1);
+          at::Tensor dw_acc = need_weight ? dw_buf.narrow(0, 0, bv).zero_() : at::Tensor();
+          at::Tensor db_acc = need_bias ? db_buf.narrow(0, 0, bv).zero_() : at::Tensor();
+          for (int64_t ti = 0; ti < nt; ++ti) {
+            const int64_t r0 = R0 + ti * kBlockN, r1 = std::min(R1, r0 + kBlockN);
+            at::Tensor t = Workspace::tile(ws.t, r1 - r0, bv);
+            at::Tensor x = tiles(ws, r0, r1, v0, v1, w, softcap > 0.0 ? &t : nullptr);
+            at::Tensor dz = tile_backward<scalar_t>(x, t, ws, r0, r1, v0, v1, lse, ent, G, gH,
+                                                    tp, gyp, ep, K, gep, P);
+            const at::Tensor ht = tiles.h.slice(0, r0, r1);
+            if (need_weight) dw_acc.addmm_(dz.t(), ht);
+            if (need_bias) {
+              at::Tensor part = db_row.narrow(0, 0, bv);
+              at::sum_out(part, dz, {0});
+              db_acc.add_(part);
+            }
+            if (need_hidden) dh_parts[tid].slice(0, r0 - R0, r1 - R0).addmm_(dz, w);
           }
-          if (need_hidden) dh_parts[tid].slice(0, r0, r1).addmm_(dz, w);
+          if (need_weight) {
+            if (nblocks == 1) dW.slice(0, v0, v1).copy_(dw_acc);
+            else dW_full.slice(0, v0, v1).add_(dw_acc);
+          }
+          if (need_bias) {
+            if (nblocks == 1) db.slice(0, v0, v1).copy_(db_acc);
+            else db_full.slice(0, v0, v1).add_(db_acc);
+          }
         }
-        if (need_weight) dW.slice(0, v0, v1).copy_(dw_acc);
-        if (need_bias) db.slice(0, v0, v1).copy_(db_acc);
+      });
+      if (need_hidden) {
+        at::Tensor out = dh.slice(0, R0, R1);
+        out.zero_();
+        for (auto& part : dh_parts)
+          if (part.defined()) out.add_(part.narrow(0, 0, R1 - R0));
       }
-    });
-  });
-  at::Tensor dh;
-  if (need_hidden) {
-    for (auto& part : dh_parts) {
-      if (!part.defined()) continue;
-      if (!dh.defined()) dh = part;
-      else dh.add_(part);
     }
-    if (!dh.defined()) dh = at::zeros({N, H}, copts);
-    dh = dh.to(hidden.scalar_type());
-  }
+  });
+  if (need_weight && nblocks > 1) dW.copy_(dW_full);
+  if (need_bias && nblocks > 1) db.copy_(db_full);
+  if (need_hidden) dh = dh.to(hidden.scalar_type());
   // Gradients that were not asked for come back as empty tensors (the schema has no Tensor?).
   auto none = [&] { return at::empty({0}, copts); };
   return {dh.defined() ? dh : none(), dW.defined() ? dW : none(), db.defined() ? db : none()};
