@@ -290,7 +290,7 @@ def linear_logprobs_backward_kernel(
 # the logits whose logsumexp the forward saved: in a confident row 1 - p is a difference of
 # nearly equal numbers, and any inconsistency between the two passes would be amplified there.
 CONFIGS = {
-    ("fwd", "tc"): (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64), dict(num_warps=8, num_stages=3)),
+    ("fwd", "tc"): (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32), dict(num_warps=8, num_stages=3)),
     ("bwd", "tc"): (dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32), dict(num_warps=8, num_stages=2)),
     ("fwd", "ieee"): (dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=32), dict(num_warps=4, num_stages=2)),
     ("bwd", "ieee"): (dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=32), dict(num_warps=8, num_stages=1)),
