@@ -318,11 +318,16 @@ def _prepare(hidden, weight, bias, vocab_bias):
 
 
 def _gathered_logits(h, w, b, beta, ids, temperature, softcap):
-    """z'[n, ids[n, j]] for an index tensor ids [N, J] (fp32)."""
-    z = torch.einsum("nh,njh->nj", h.float(), w[ids].float())
+    """z'[n, ids[n, j]] for an index tensor ids [N, J] (fp32).
+
+    These N (1 + K) dot products are computed in float64 (they are few): an fp32 dot of
+    large-magnitude terms that cancel (a confident row) would otherwise add its own rounding,
+    in a summation order different from the kernel's, to the target log-prob."""
+    z = torch.einsum("nh,njh->nj", h.double(), w[ids].double())
     if b is not None:
-        z = z + b[ids]
-    return transform_columns(z, beta[ids] if beta is not None else None, temperature, softcap)
+        z = z + b[ids].double()
+    z = transform_columns(z, beta[ids] if beta is not None else None, temperature, softcap)
+    return z.float()
 
 
 def linear_logprobs_forward(

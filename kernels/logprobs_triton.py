@@ -242,13 +242,13 @@ def logprobs_backward_kernel(
 
 
 def transform_columns(z, beta_cols, temperature, softcap):
-    """torch version of the transform for a few gathered columns (fp32)."""
-    z = z.float()
+    """torch version of the transform for a few gathered columns (fp32, or fp64 given fp64)."""
+    z = z if z.dtype == torch.float64 else z.float()
     if softcap > 0.0:
         z = softcap * torch.tanh(z / softcap)
     z = z * (1.0 / temperature)
     if beta_cols is not None:
-        z = z + beta_cols.float()
+        z = z + beta_cols.to(z.dtype)
     return z
 
 

@@ -50,14 +50,14 @@ def make_logits_case(
     return logits, target, extra, vocab_bias
 
 
-def make_linear_case(N, V, H, *, seed, peaked=True, with_bias=True, **kw):
+def make_linear_case(N, V, H, *, seed, peaked=True, with_bias=True, peak_scale=3000.0, **kw):
     g = torch.Generator().manual_seed(seed + 7)
     _, target, extra, vocab_bias = make_logits_case(N, V, seed=seed, peaked=False, **kw)
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5
     bias = torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None
     if peaked:
-        hidden[0] *= 300.0  # logits of a few hundred to thousands: a confident row
+        hidden[0] *= peak_scale  # logits of thousands, up to ~1e4: a confident row
     return hidden, weight, bias, target, extra, vocab_bias
 
 
