@@ -49,14 +49,16 @@ class Config:
     # sampling ----------------------------------------------------------------------------
     batch_size: int = 32
     max_new_tokens: int = 4
-    min_new_tokens: int = 0
-    explore_prob: float = 0.5
+    min_new_tokens: int = 1
+    explore_prob: float = 0.25
     explore_temp_low: float = 1.0
-    explore_temp_high: float = 2.0
-    explore_vocab_prob: float = 0.0  # rows sampled with the vocabulary restricted to the task's
+    explore_temp_high: float = 1.5
+    explore_vocab_prob: float = 0.5  # rows sampled with the vocabulary restricted to the task's
     #                                  allowed tokens (the random-number task: digits + termination)
     replay_prob: float = 0.5
-    replay_size: int = 256
+    dead_ends: bool = True  # end trajectories at states that can never become valid (if the
+    #                         task can tell): a forced stop there with the invalid reward
+    replay_size: int = 128
     replay_min_distance: int = 0  # near-duplicate threshold (token edit distance); 0: exact only
     # loss --------------------------------------------------------------------------------
     loss: str = "subtb"  # "subtb", "tb", "vargrad", "db"
@@ -64,7 +66,7 @@ class Config:
     log_z_init: float = 0.0
     log_z_lr: float = 0.1
     # optimisation ------------------------------------------------------------------------
-    steps: int = 200
+    steps: int = 150
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10

@@ -245,6 +245,14 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             prompt_index = self.py_rng.randrange(task.num_prompts())
             tokens, lengths, rows, replayed = self.get_batch(prompt_index)
+            dead = torch.zeros(len(rows), dtype=torch.bool)
+            if cfg.dead_ends and hasattr(task, "dead_index"):
+                for b, row in enumerate(rows):
+                    t = task.dead_index(row)
+                    if t is not None:
+                        rows[b] = row[:t]
+                        lengths[b] = t
+                        dead[b] = True
             T = tokens.shape[1]
             log_r_raw = task.log_rewards(prompt_index, rows, T)
             rt = self.reward_temperature(self.step)
@@ -257,6 +265,10 @@ class Trainer:
                 use_fused=cfg.use_fused_logprobs,
             )
             log_pf, log_pterm = log_pf.float(), log_pterm.float()
+            if dead.any():
+                # a dead end is a forced stop: P(STOP | dead state) = 1
+                at_end = torch.arange(T + 1)[None] == lengths[:, None]
+                log_pterm = log_pterm.masked_fill((at_end & dead[:, None]).to(dev), 0.0)
             if cfg.min_new_tokens >= 1 and cfg.loss in ("subtb", "db"):
                 # s_0 cannot terminate: its flow R(s_0)/P(STOP|s_0) is the learned log Z
                 # (log_r[0] - log_pterm[0] = log Z).
@@ -357,7 +369,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from fastgfn.evaluate import evaluate, format_table, histogram
+        from fastgfn.evaluate import format_table, histogram
 
         cfg = self.cfg
         resumed = self.maybe_resume()
@@ -368,7 +380,7 @@ class Trainer:
         try:
             if cfg.eval_before and cfg.eval_samples > 0 and not resumed:
                 self.print(f"evaluating the initial policy on {cfg.eval_samples} samples ...")
-                before = evaluate(self.engine, self.task, cfg, self.eval_generator)
+                before = self._evaluate("eval (before)")
                 self.logger.log(
                     self.step,
                     {
@@ -421,7 +433,7 @@ class Trainer:
             after = None
             if cfg.eval_samples > 0:
                 self.print(f"evaluating the fine-tuned policy on {cfg.eval_samples} samples ...")
-                after = evaluate(self.engine, self.task, cfg, self.eval_generator)
+                after = self._evaluate("eval (after)")
                 self.logger.log(
                     self.step,
                     {f"eval_after/{k}": v for k, v in after.items() if isinstance(v, (int, float))},
@@ -452,6 +464,26 @@ class Trainer:
             with open(self.out / "results.json", "w") as fh:
                 json.dump({k: v for k, v in results.items()}, fh, indent=1, default=str)
         return results
+
+    def _evaluate(self, desc: str) -> dict:
+        from fastgfn.evaluate import evaluate
+
+        bar = None
+        if self.is_main and self.cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.eval_samples, desc=desc, unit="sample", dynamic_ncols=True)
+        try:
+            return evaluate(
+                self.engine,
+                self.task,
+                self.cfg,
+                self.eval_generator,
+                progress=(lambda n: bar.update(n * self.world)) if bar else None,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _signal_flag(self):
         flag = torch.tensor(0 if self._stop_signal is None else int(self._stop_signal))

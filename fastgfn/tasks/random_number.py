@@ -95,6 +95,17 @@ class RandomNumberTask:
     def text(self, row: list[int]) -> str:
         return "".join(self._piece(t) for t in row)
 
+    def dead_index(self, row: list[int]) -> int | None:
+        """The first t >= 1 whose prefix s_t can no longer become valid (every non-empty
+        live prefix here is itself a valid value), or None. Such a state is a dead end: the
+        trainer ends the trajectory there, as a forced stop with the invalid reward."""
+        text = ""
+        for t, tok in enumerate(row, 1):
+            text += self._piece(tok)
+            if self.value(text) is None:
+                return t
+        return None
+
     def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
         """``log R(s_t STOP)`` for every prefix t = 0..T of every row: ``[B, T+1]``."""
         out = torch.full((len(rows), T + 1), self.invalid_log_reward)
