@@ -76,6 +76,7 @@ class Config:
     grad_accum: int = 1
     seed: int = 0
     same_data_all_ranks: bool = False  # every rank samples the same data (tests)
+    device: str = "auto"  # one plain process: "auto" (cuda when available), "cpu", "cuda", "cuda:N"
     num_threads: int = 0  # torch CPU threads; 0: leave torch's default
     use_fused_logprobs: bool = True
     # evaluation --------------------------------------------------------------------------
@@ -233,6 +234,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"task_low: must be <= task_high ({cfg.task_high}), got {cfg.task_low}")
     if cfg.reward_temperature_end is not None and cfg.reward_temperature_end <= 0:
         raise ConfigError(f"reward_temperature_end: must be > 0, got {cfg.reward_temperature_end}")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not cfg.termination:
         raise ConfigError("termination: must name a token (for example ',' or 'eos')")
     if cfg.task == "continuation" and not cfg.data_path:

@@ -50,8 +50,8 @@ def lr_factor(step: int, cfg) -> float:
 
 
 class _LogZ:
-    def __init__(self, init: float, lr: float):
-        self.param = torch.nn.Parameter(torch.tensor(float(init)))
+    def __init__(self, init: float, lr: float, device=None):
+        self.param = torch.nn.Parameter(torch.tensor(float(init), device=device))
         self.opt = torch.optim.Adam([self.param], lr=lr) if lr > 0 else None
 
     def step(self):
@@ -82,7 +82,10 @@ class TorchEngine:
     kind = "torch"
 
     def __init__(self, model, cfg):
-        self.module = model
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.module = model.to(device)
         self.cfg = cfg
         self.device = next(model.parameters()).device
         params = [p for p in model.parameters() if p.requires_grad]
@@ -92,7 +95,7 @@ class TorchEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg)
         )
-        self.log_z = _LogZ(cfg.log_z_init, cfg.log_z_lr)
+        self.log_z = _LogZ(cfg.log_z_init, cfg.log_z_lr, self.device)
         self._micro = 0
 
     # training ----------------------------------------------------------------------------
@@ -197,8 +200,8 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.module = self.engine.module
-        self.device = self.engine.device
-        self.log_z = _LogZ(cfg.log_z_init, cfg.log_z_lr)
+        self.device = torch.device(self.engine.device)
+        self.log_z = _LogZ(cfg.log_z_init, cfg.log_z_lr, self.device)
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
     def backward(self, loss):

@@ -57,8 +57,9 @@ def draw_temperatures(
 ) -> torch.Tensor:
     """Tempered exploration: with probability ``prob`` a row's temperature is drawn uniformly
     from ``[low, high]``, otherwise it is 1."""
-    u = torch.rand(batch_size, generator=generator)
-    t = low + (high - low) * torch.rand(batch_size, generator=generator)
+    device = generator.device if generator is not None else None
+    u = torch.rand(batch_size, generator=generator, device=device)
+    t = low + (high - low) * torch.rand(batch_size, generator=generator, device=device)
     return torch.where(u < prob, t, torch.ones_like(t))
 
 

@@ -134,9 +134,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         data_seed = cfg.seed if cfg.same_data_all_ranks else cfg.seed + 1000003 * self.rank
-        self.generator = torch.Generator().manual_seed(data_seed)
         self.py_rng = random.Random(data_seed)
-        self.eval_generator = torch.Generator().manual_seed(cfg.seed + 7 + 1000003 * self.rank)
         t0 = time.time()
         if ds_config is not None and cfg.model != "tiny":
             # ZeRO-3: build the model already partitioned. (A tiny test model is built whole
@@ -165,6 +163,12 @@ class Trainer:
             self.engine = DeepSpeedEngine(model, cfg, ds_config)
         else:
             self.engine = TorchEngine(model, cfg)
+        # Sampling generators live on the model's device (no host round trip per token).
+        dev = self.engine.device
+        self.generator = torch.Generator(device=dev).manual_seed(data_seed)
+        self.eval_generator = torch.Generator(device=dev).manual_seed(
+            cfg.seed + 7 + 1000003 * self.rank
+        )
         self.buffer = ReplayBuffer(cfg.replay_size, cfg.replay_min_distance)
         self.step = 0
         self.out = Path(cfg.output_dir)
@@ -202,10 +206,14 @@ class Trainer:
         if cfg.explore_vocab_prob > 0 and hasattr(task, "allowed_token_ids"):
             # Restricted exploration: some rows may only use the task's allowed tokens.
             V = self.engine.module.config.vocab_size
-            allowed = torch.full((V,), float("-inf"))
+            dev = self.engine.device
+            allowed = torch.full((V,), float("-inf"), device=dev)
             allowed[task.allowed_token_ids()] = 0.0
-            rows_r = torch.rand(cfg.batch_size, generator=self.generator) < cfg.explore_vocab_prob
-            bias = torch.where(rows_r[:, None], allowed[None], torch.zeros(1, V))
+            rows_r = (
+                torch.rand(cfg.batch_size, generator=self.generator, device=dev)
+                < cfg.explore_vocab_prob
+            )
+            bias = torch.where(rows_r[:, None], allowed[None], torch.zeros(1, V, device=dev))
         model = self.engine.module
         model.eval()
         r = sample(

@@ -31,6 +31,7 @@ def test_yaml_and_overrides(tmp_path):
         ("explore_temp_low=3", "explore_temp_low"),
         ("task=continuation", "data_path"),
         ("deepspeed_config=/nonexistent.json", "deepspeed_config"),
+        ("device=tpu", "device"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
