@@ -82,26 +82,10 @@ def trim():
 
 
 def subtb_python_loop(log_pf, log_pterm, log_r, lengths, lam=1.0):
-    """SubTB as a Python loop over sub-trajectory lengths (the paper's formulation)."""
-    B, T = log_pf.shape
-    mask = torch.arange(T + 1)[None] <= lengths[:, None]
-    num = log_pf.new_zeros(())
-    den = log_pf.new_zeros(())
-    for length in range(1, T + 1):
-        for i in range(0, T + 1 - length):
-            j = i + length
-            res = (
-                log_r[:, i]
-                + log_pf[:, i:j].sum(1)
-                + log_pterm[:, j]
-                - log_r[:, j]
-                - log_pterm[:, i]
-            )
-            valid = mask[:, j].float()
-            w = lam ** (length - 1)
-            num = num + w * (res.square() * valid).sum()
-            den = den + w * valid.sum()
-    return num / den.clamp_min(1)
+    """SubTB as the paper computes it: prefix sums, then a Python loop over lengths."""
+    from bench.bench_subtb import paper_loop_subtb
+
+    return paper_loop_subtb(log_pf, log_pterm, log_r, lengths, lam)
 
 
 def paper_step(policy, reward_model, opt, prompt, B, T, term, gen):
@@ -142,14 +126,15 @@ def paper_step(policy, reward_model, opt, prompt, B, T, term, gen):
     return float(loss)
 
 
-def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen):
+def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=None):
     import fastgfn
     from fastgfn.sampler import sample
     from fastgfn.scoring import frozen_prefix_logrewards, gfn_logprobs
 
     policy.eval()
+    behaviour = policy if replica is None else replica.sync(policy)  # sync is timed too
     r = sample(
-        policy,
+        behaviour,
         prompt,
         B,
         max_new_tokens=T,
@@ -178,12 +163,22 @@ def worker(method: str, args) -> dict:
     reward_model = copy.deepcopy(policy).eval().requires_grad_(False)
     prompt = torch.tensor(tok.encode(PROMPT, add_special_tokens=False))
     term = tok.encode(".", add_special_tokens=False)[0]
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, foreach=True)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=True)  # as the engine
     for p in policy.parameters():  # allocate the AdamW states before measuring
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    step = paper_step if method == "paper" else fastgfn_step
+    if method == "paper":
+        step = paper_step
+    else:
+        from fastgfn.sampler import SamplingReplica
+
+        replica = None
+        if args.sample_dtype != "model":
+            replica = SamplingReplica(policy, getattr(torch, args.sample_dtype))
+
+        def step(*a):
+            return fastgfn_step(*a, replica=replica)
     gen = torch.Generator().manual_seed(0)
     trim()
     base = rss_bytes()
@@ -211,6 +206,8 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--sample_dtype", default="bfloat16",
+                    help="fastgfn's behaviour policy: 'model' or a low-precision replica dtype")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--worker", default=None)
     ap.add_argument("--json", default=None, help="write the results here")

@@ -56,6 +56,9 @@ class Config:
     explore_vocab_prob: float = 0.5  # rows sampled with the vocabulary restricted to the task's
     #                                  allowed tokens (the random-number task: digits + termination)
     replay_prob: float = 0.5
+    sample_dtype: str = "auto"  # "model": sample with the policy itself; "bfloat16"/"float16":
+    #   with a low-precision replica synced every step (off-policy); "auto": a bf16 replica
+    #   for an fp32 policy on a CPU with native bf16 matmuls (not ZeRO-3), else "model"
     dead_ends: bool = True  # end trajectories at states that can never become valid (if the
     #                         task can tell): a forced stop there with the invalid reward
     replay_size: int = 128
@@ -105,6 +108,7 @@ _CHOICES = {
     "task": ("random_number", "continuation"),
     "loss": ("subtb", "tb", "vargrad", "db"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "sample_dtype": ("auto", "model", "float32", "bfloat16", "float16"),
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "reward_model": ("initial",),
     "lr_schedule": ("constant", "cosine"),

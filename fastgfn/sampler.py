@@ -16,6 +16,7 @@ and a minimum length (termination forbidden before it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -84,6 +85,53 @@ def expand_cache(cache, batch_size: int):
     return cache
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None):
+    """One draw per row of ``probs [B, V]`` (rows need not be normalised): inverse CDF.
+
+    Exactly the categorical distribution up to fp32 rounding of the cumulative sum, with one
+    uniform per row; ``torch.multinomial`` draws V exponentials per row instead, which costs
+    ~16 ms per step at V = 49152 on a CPU. Zero-probability tokens are never drawn.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    draw = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return draw.squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+class SamplingReplica:
+    """A lower-precision copy of a policy used only to sample (e.g. bf16 on a CPU with
+    AVX512-BF16, where decoding reads half the bytes per token).
+
+    GFlowNet losses are off-policy, so the behaviour policy may differ slightly from the
+    trained one; the loss itself always uses the full-precision teacher-forced pass. Only
+    parameters are cast (buffers such as rotary frequencies keep their precision).
+    ``sync(model)`` copies the current weights in before each rollout.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        self.dtype = dtype
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        for param in self.model.parameters():
+            param.data = param.data.to(dtype)
+
+    @torch.no_grad()
+    def sync(self, model: torch.nn.Module) -> torch.nn.Module:
+        for dst, src in zip(self.model.parameters(), model.parameters()):
+            dst.copy_(src)
+        return self.model
+
+
+def _decode_attention_context(model):
+    """On a CPU, 16-bit decoding is faster through SDPA's math kernel than its flash kernel
+    (measured 0.35 s of 2.2 s over 30 steps of SmolLM2 at batch 16); elsewhere, no change."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu" or param.dtype == torch.float32:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def keep_in_rows(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Positions within ``rows`` (sorted) of the batch rows ``keep`` (a subset)."""
     return torch.searchsorted(rows, keep)
@@ -145,7 +193,7 @@ def sample(
         raise ValueError(f"temperatures must have shape ({B},), got {tuple(temperatures.shape)}")
     ctx = param_context if param_context is not None else contextlib.nullcontext()
     kw = cache_kwarg(model)
-    with ctx:
+    with ctx, _decode_attention_context(model):
         out = model(input_ids=prompt_ids[None], use_cache=True, logits_to_keep=1)
         cache = expand_cache(output_cache(out), B)
         logits = out.logits[:, -1].expand(B, -1)
@@ -161,7 +209,7 @@ def sample(
                 z = z.clone()
                 z[:, termination_token_id] = float("-inf")
             probs = torch.softmax(z, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = sample_categorical(probs, generator)
             stop = (nxt == termination_token_id) & ~done
             keep = ~done & ~stop
             tokens[:, t] = torch.where(keep, nxt, torch.full_like(nxt, pad_token_id))

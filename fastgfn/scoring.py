@@ -9,9 +9,9 @@ generated tokens give the final hidden state at every state s_0..s_T. From these
     log_pterm[b, t] = log q(STOP    | s_t)   t = 0..T
 
 through the per-token log-prob op (the lm_head matmul, log-softmax and gather; see DESIGN
-2.1). ``token_logprobs`` is the one call that selects the implementation: the fused op from
-``fastgfn.ops.logprobs`` when it is available, otherwise a reference that materialises the
-logits of the needed positions only.
+2.1). ``head_logprobs`` is the one call that selects the implementation: the fused op
+through the model's own output layer (``fastgfn.lm_head_logprobs``), or the lm_head module on
+the needed positions only (ZeRO-3-partitioned weights, or ``use_fused=False``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,6 @@ from __future__ import annotations
 import torch
 
 from fastgfn.sampler import cache_kwarg, expand_cache, output_cache
-
-
-def _fused_op():
-    try:
-        from fastgfn.ops.logprobs import linear_token_logprobs
-    except ImportError:
-        return None
-    return linear_token_logprobs
 
 
 def token_logprobs_ref(
@@ -52,38 +44,32 @@ def token_logprobs_ref(
     return tgt, ext
 
 
-def token_logprobs(
-    hidden,
-    weight,
-    target,
-    extra_ids,
-    *,
-    bias=None,
-    temperature=1.0,
-    vocab_bias=None,
-    use_fused: bool = True,
-):
-    """Log-prob of ``target`` and of ``extra_ids`` at every row of ``hidden``."""
-    op = _fused_op() if use_fused else None
-    if op is not None and getattr(weight, "ds_numel", None) is None:
-        out = op(
-            hidden,
-            weight,
-            target,
-            bias=bias,
-            extra_ids=list(extra_ids),
-            temperature=temperature,
-            vocab_bias=vocab_bias,
-        )
-        return out[0], out[1]
-    return token_logprobs_ref(
-        hidden, weight, target, extra_ids, bias=bias, temperature=temperature, vocab_bias=vocab_bias
-    )
+def head_logprobs(model, hidden, target, extra_ids, *, temperature=1.0, vocab_bias=None,
+                  use_fused: bool = True):
+    """Log-prob of ``target`` and of ``extra_ids`` at every row of ``hidden [N, H]`` under the
+    model's own output layer (tied weights, logit scaling and final softcapping respected).
 
+    Fused (the ``[N, V]`` logits never exist) unless ``use_fused=False`` or the lm_head weight
+    is ZeRO-3-partitioned; then the lm_head module is called (DeepSpeed gathers its weight)
+    and the logits of these rows are materialised.
+    """
+    from fastgfn.lm_logprobs import lm_head_logprobs, output_layer_spec
 
-def _lm_head(model):
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    spec = output_layer_spec(model)
+    if use_fused and getattr(spec["weight"], "ds_numel", None) is None:
+        out = lm_head_logprobs(model, hidden, target, list(extra_ids), temperature=temperature,
+                               vocab_bias=vocab_bias)
+        return out.logp, out.extra
+    logits = model.get_output_embeddings()(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * spec["scale"]
+    if spec["softcap"]:
+        logits = spec["softcap"] * torch.tanh(logits / spec["softcap"])
+    if temperature != 1.0:
+        logits = logits / temperature
+    if vocab_bias is not None:
+        logits = logits + vocab_bias.to(logits)
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(1, target.clamp_min(0)[:, None]).squeeze(1), logp[:, list(extra_ids)]
 
 
 def hidden_states(model, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -116,24 +102,11 @@ def gfn_logprobs(
     h = hidden_states(model, prompt_ids, tokens)  # [B, T+1, H]
     H = h.shape[-1]
     target = torch.cat([tokens, tokens.new_zeros(B, 1)], dim=1)  # last state has no next token
-    weight, bias = _lm_head(model)
-    if getattr(weight, "ds_numel", None) is not None and weight.numel() == 0:
-        # ZeRO-3 partitioned lm_head: call the module so DeepSpeed gathers its weight.
-        logits = model.get_output_embeddings()(h).float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        if vocab_bias is not None:
-            logits = logits + vocab_bias.to(logits)
-        logp = torch.log_softmax(logits, dim=-1)
-        tgt = logp.gather(2, target[..., None]).squeeze(2)
-        ext = logp[..., termination_token_id]
-        return tgt[:, :T], ext
-    tgt, ext = token_logprobs(
+    tgt, ext = head_logprobs(
+        model,
         h.reshape(B * (T + 1), H),
-        weight,
         target.reshape(-1),
         [termination_token_id],
-        bias=bias,
         temperature=temperature,
         vocab_bias=vocab_bias,
         use_fused=use_fused,

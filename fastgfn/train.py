@@ -104,6 +104,19 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _resolve_sample_dtype(requested: str, model, zero_stage: int) -> str:
+    """'auto': a bf16 sampling replica for an fp32 policy on a CPU with native bf16 matmuls
+    (decoding reads half the bytes; measured 1.8 s vs 3.2 s for 30 tokens of SmolLM2 at batch
+    16 on the project's CPU), otherwise sample with the policy itself."""
+    if requested != "auto":
+        return requested
+    param = next(model.parameters())
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if param.device.type == "cpu" and param.dtype == torch.float32 and native_bf16:
+        return "bfloat16" if zero_stage != 3 else "model"
+    return "model"
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -163,6 +176,16 @@ class Trainer:
             self.engine = DeepSpeedEngine(model, cfg, ds_config)
         else:
             self.engine = TorchEngine(model, cfg)
+        stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+        sample_dtype = _resolve_sample_dtype(cfg.sample_dtype, self.engine.module, stage)
+        self.sampling_replica = None
+        if sample_dtype != "model":
+            from fastgfn.sampler import SamplingReplica
+
+            if stage == 3:
+                raise ValueError("sample_dtype: a sampling replica needs whole weights, not ZeRO-3")
+            replica_dtype = getattr(torch, sample_dtype)
+            self.sampling_replica = SamplingReplica(self.engine.module, replica_dtype)
         # Sampling generators live on the model's device (no host round trip per token).
         dev = self.engine.device
         self.generator = torch.Generator(device=dev).manual_seed(data_seed)
@@ -216,8 +239,9 @@ class Trainer:
             bias = torch.where(rows_r[:, None], allowed[None], torch.zeros(1, V, device=dev))
         model = self.engine.module
         model.eval()
+        behaviour = model if self.sampling_replica is None else self.sampling_replica.sync(model)
         r = sample(
-            model,
+            behaviour,
             task.prompt_tokens(prompt_index).to(self.engine.device),
             cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,

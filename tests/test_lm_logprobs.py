@@ -195,3 +195,24 @@ def test_smollm2_matches_full_logits_float64():
         exp_pf, exp_pt = expected_from_logits(model, ids, 8, eos)
     torch.testing.assert_close(pf, exp_pf, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(pt, exp_pt, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama_tied", "gemma2", "cohere", "granite"])
+@pytest.mark.parametrize("use_fused", [True, False])
+def test_engine_scoring_respects_the_output_layer(kind, use_fused):
+    """The training engine's teacher-forced scoring (shared-prompt KV cache, then the model's
+    own output layer) equals log_softmax of the model's full logits, softcap/scales included."""
+    from fastgfn.scoring import gfn_logprobs
+
+    model = tiny_model(kind).double()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 97, (5,), generator=g)
+    tokens = torch.randint(0, 97, (3, 4), generator=g)
+    term = 7
+    with torch.no_grad():
+        log_pf, log_pterm = gfn_logprobs(model, prompt, tokens, term, use_fused=use_fused)
+        full = torch.cat([prompt[None].expand(3, -1), tokens], 1)
+        logp = torch.log_softmax(model(input_ids=full).logits.double(), -1)[:, 4:]
+    want_pf = logp[:, :4].gather(2, tokens[..., None]).squeeze(2)
+    torch.testing.assert_close(log_pf.double(), want_pf, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(log_pterm.double(), logp[..., term], rtol=1e-9, atol=1e-9)
