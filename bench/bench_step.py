@@ -175,7 +175,9 @@ def worker(method: str, args) -> dict:
 
         replica = None
         if args.sample_dtype != "model":
-            replica = SamplingReplica(policy, getattr(torch, args.sample_dtype))
+            replica = SamplingReplica(
+                policy, getattr(torch, args.sample_dtype), compile=args.compile_sampler
+            )
 
         def step(*a):
             return fastgfn_step(*a, replica=replica)
@@ -208,6 +210,8 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--sample_dtype", default="bfloat16",
                     help="fastgfn's behaviour policy: 'model' or a low-precision replica dtype")
+    ap.add_argument("--compile_sampler", type=int, default=0,
+                    help="1: torch.compile the sampling replica (compiles during warm-up)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--worker", default=None)
     ap.add_argument("--json", default=None, help="write the results here")

@@ -59,6 +59,8 @@ class Config:
     sample_dtype: str = "auto"  # "model": sample with the policy itself; "bfloat16"/"float16":
     #   with a low-precision replica synced every step (off-policy); "auto": a bf16 replica
     #   for an fp32 policy on a CPU with native bf16 matmuls (not ZeRO-3), else "model"
+    compile_sampler: bool = False  # torch.compile the sampling replica's decoder (one-time
+    #                                compile of minutes; faster decoding in long runs)
     dead_ends: bool = True  # end trajectories at states that can never become valid (if the
     #                         task can tell): a forced stop there with the invalid reward
     replay_size: int = 128

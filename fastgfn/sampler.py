@@ -106,13 +106,21 @@ class SamplingReplica:
     trained one; the loss itself always uses the full-precision teacher-forced pass. Only
     parameters are cast (buffers such as rotary frequencies keep their precision).
     ``sync(model)`` copies the current weights in before each rollout.
+
+    ``compile=True`` compiles the replica's decoder body with ``torch.compile`` (dynamic
+    shapes, so the growing KV cache does not recompile): decoding SmolLM2-135M at batch 16 on
+    the project's 2-core CPU went from 2.09 s to 1.40 s per 30-token rollout, after a one-time
+    compilation of about 5 minutes — worth it for long runs only.
     """
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, compile: bool = False):
         self.dtype = dtype
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         for param in self.model.parameters():
             param.data = param.data.to(dtype)
+        if compile:
+            decoder = self.model.get_decoder()
+            decoder.forward = torch.compile(decoder.forward, dynamic=True)
 
     @torch.no_grad()
     def sync(self, model: torch.nn.Module) -> torch.nn.Module:

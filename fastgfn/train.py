@@ -185,7 +185,14 @@ class Trainer:
             if stage == 3:
                 raise ValueError("sample_dtype: a sampling replica needs whole weights, not ZeRO-3")
             replica_dtype = getattr(torch, sample_dtype)
-            self.sampling_replica = SamplingReplica(self.engine.module, replica_dtype)
+            self.sampling_replica = SamplingReplica(
+                self.engine.module, replica_dtype, compile=cfg.compile_sampler
+            )
+        elif cfg.compile_sampler:
+            raise ValueError(
+                "compile_sampler: needs a sampling replica (sample_dtype=bfloat16, float16 or "
+                f"float32); sample_dtype={cfg.sample_dtype!r} samples with the policy itself"
+            )
         # Sampling generators live on the model's device (no host round trip per token).
         dev = self.engine.device
         self.generator = torch.Generator(device=dev).manual_seed(data_seed)

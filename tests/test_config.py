@@ -68,3 +68,12 @@ def test_shipped_configs_load():
             load_config(f, ["data_path=x"])
         else:
             load_config(f)
+
+
+def test_compile_sampler_needs_a_replica():
+    from fastgfn.train import Trainer
+
+    cfg = load_config(None, ["model=tiny", "sample_dtype=model", "compile_sampler=true",
+                             "output_dir=/tmp/fastgfn_compile_sampler_cfg"])
+    with pytest.raises(ValueError, match="compile_sampler"):
+        Trainer(cfg)
