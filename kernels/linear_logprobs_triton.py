@@ -205,37 +205,26 @@ def linear_logprobs_backward_kernel(
         BLOCK_H,
         IEEE,
     )
-    beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0) if HAS_BETA else 0.0
-    x, t = _transform(z, beta, inv_tau, softcap, HAS_SOFTCAP, HAS_BETA)
-    x = tl.where(col_mask[None, :], x, float("-inf"))
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    G = tl.load(G_ptr + rows, mask=row_mask, other=0.0)
-    gy = tl.load(gy_ptr + rows, mask=row_mask, other=0.0)
-    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
-    if HAS_GH:
-        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
-        gH = tl.load(gH_ptr + rows, mask=row_mask, other=0.0)
-    else:
-        ent = lse
-        gH = lse
     dz = _grad_tile(
-        x,
-        t,
+        z,
         rows,
         cols,
         row_mask,
         col_mask,
-        lse,
-        ent,
-        G,
-        gH,
-        gy,
-        y,
+        beta_ptr,
+        lse_ptr,
+        ent_ptr,
+        G_ptr,
+        gH_ptr,
+        gy_ptr,
+        y_ptr,
         ge_ptr,
         ex_ptr,
         K,
         inv_tau,
+        softcap,
         HAS_SOFTCAP,
+        HAS_BETA,
         HAS_GH,
     )
     if NEED_DB:

@@ -82,29 +82,41 @@ def _finish(m, s, u):
 
 @triton.jit
 def _grad_tile(
-    x,
-    t,
+    z,
     rows,
     cols,
     row_mask,
     col_mask,
-    lse,
-    ent,
-    G,
-    gH,
-    gy,
-    y,
+    beta_ptr,
+    lse_ptr,
+    ent_ptr,
+    G_ptr,
+    gH_ptr,
+    gy_ptr,
+    y_ptr,
     ge_ptr,
     ex_ptr,
     K,
     inv_tau,
+    softcap,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_BETA: tl.constexpr,
     HAS_GH: tl.constexpr,
 ):
-    """dz (w.r.t. the raw logits) of a tile, from z' = x and the per-row statistics."""
+    """dz (w.r.t. the raw logits) of a tile of raw logits ``z`` (fp32): applies the transform
+    to get z' = x, loads the per-row statistics and upstream gradients, and returns dz."""
+    beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0) if HAS_BETA else 0.0
+    x, t = _transform(z, beta, inv_tau, softcap, HAS_SOFTCAP, HAS_BETA)
+    x = tl.where(col_mask[None, :], x, float("-inf"))
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    G = tl.load(G_ptr + rows, mask=row_mask, other=0.0)
+    gy = tl.load(gy_ptr + rows, mask=row_mask, other=0.0)
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
     lp = tl.maximum(x - lse[:, None], -1000.0)
     p = tl.exp(lp)
     if HAS_GH:
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        gH = tl.load(gH_ptr + rows, mask=row_mask, other=0.0)
         coef = G[:, None] + gH[:, None] * (lp + ent[:, None])
     else:
         coef = G[:, None] + 0.0 * lp
@@ -196,37 +208,26 @@ def logprobs_backward_kernel(
     z = tl.load(
         z_ptr + rows[:, None].to(tl.int64) * stride_zn + cols[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0) if HAS_BETA else 0.0
-    x, t = _transform(z, beta, inv_tau, softcap, HAS_SOFTCAP, HAS_BETA)
-    x = tl.where(col_mask[None, :], x, float("-inf"))
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    G = tl.load(G_ptr + rows, mask=row_mask, other=0.0)
-    gy = tl.load(gy_ptr + rows, mask=row_mask, other=0.0)
-    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
-    if HAS_GH:
-        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
-        gH = tl.load(gH_ptr + rows, mask=row_mask, other=0.0)
-    else:
-        ent = lse
-        gH = lse
     dz = _grad_tile(
-        x,
-        t,
+        z,
         rows,
         cols,
         row_mask,
         col_mask,
-        lse,
-        ent,
-        G,
-        gH,
-        gy,
-        y,
+        beta_ptr,
+        lse_ptr,
+        ent_ptr,
+        G_ptr,
+        gH_ptr,
+        gy_ptr,
+        y_ptr,
         ge_ptr,
         ex_ptr,
         K,
         inv_tau,
+        softcap,
         HAS_SOFTCAP,
+        HAS_BETA,
         HAS_GH,
     )
     tl.store(
