@@ -8,6 +8,7 @@ backend explicitly. The Triton backend accepts CPU tensors only under the Triton
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -44,3 +45,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "set TRITON_INTERPRET=1 before importing fastgfn to run it on the CPU"
         )
     return backend
+
+
+def triton_kernels(module: str):
+    """Import ``fastgfn.kernels.<module>`` (a Triton kernel file), or say how to get triton."""
+    try:
+        return importlib.import_module(f"fastgfn.kernels.{module}")
+    except ImportError as exc:
+        if exc.name != "triton":
+            raise
+        raise RuntimeError(
+            "the Triton backend needs triton: pip install 'fastgfn[gpu]' (triton==3.7.1)"
+        ) from exc

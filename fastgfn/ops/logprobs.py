@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastgfn._backend import resolve_backend
+from fastgfn._backend import resolve_backend, triton_kernels
 from fastgfn._extension import require_cpu_kernels
 from fastgfn._validation import (
     as_index_tensor,
@@ -146,15 +146,11 @@ def _bwd_cpp(*args):
 
 
 def _fwd_triton(*args):
-    from fastgfn.kernels import logprobs_triton
-
-    return logprobs_triton.logprobs_forward(*args)
+    return triton_kernels("logprobs_triton").logprobs_forward(*args)
 
 
 def _bwd_triton(*args):
-    from fastgfn.kernels import logprobs_triton
-
-    return logprobs_triton.logprobs_backward(*args)
+    return triton_kernels("logprobs_triton").logprobs_backward(*args)
 
 
 _FORWARD = {"reference": _fwd_reference, "cpp": _fwd_cpp, "triton": _fwd_triton}
@@ -254,15 +250,11 @@ def _lbwd_cpp(*args):
 
 
 def _lfwd_triton(*args):
-    from fastgfn.kernels import linear_logprobs_triton
-
-    return linear_logprobs_triton.linear_logprobs_forward(*args)
+    return triton_kernels("linear_logprobs_triton").linear_logprobs_forward(*args)
 
 
 def _lbwd_triton(*args):
-    from fastgfn.kernels import linear_logprobs_triton
-
-    return linear_logprobs_triton.linear_logprobs_backward(*args)
+    return triton_kernels("linear_logprobs_triton").linear_logprobs_backward(*args)
 
 
 _LFORWARD = {"reference": _lfwd_reference, "cpp": _lfwd_cpp, "triton": _lfwd_triton}

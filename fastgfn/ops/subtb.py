@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from fastgfn._backend import triton_kernels
 from fastgfn._extension import require_cpu_kernels
 from fastgfn.reference.subtb import (
     subtb_pair_sums_backward_reference,
@@ -52,22 +53,13 @@ def _backward_cpp(grad_num, log_pf, log_pterm, log_r, lengths, lam):
     return torch.ops.fastgfn_cpu.subtb_backward(grad_num, log_pf, log_pterm, log_r, lengths, lam)
 
 
-def _triton_kernels():
-    try:
-        from fastgfn.kernels import subtb_triton
-    except ImportError as exc:
-        raise RuntimeError(
-            "the Triton backend needs triton: pip install 'fastgfn[gpu]' (triton==3.7.1)"
-        ) from exc
-    return subtb_triton
-
-
 def _forward_triton(log_pf, log_pterm, log_r, lengths, lam):
-    return _triton_kernels().subtb_forward(log_pf, log_pterm, log_r, lengths, lam)
+    return triton_kernels("subtb_triton").subtb_forward(log_pf, log_pterm, log_r, lengths, lam)
 
 
 def _backward_triton(grad_num, log_pf, log_pterm, log_r, lengths, lam):
-    return _triton_kernels().subtb_backward(grad_num, log_pf, log_pterm, log_r, lengths, lam)
+    kernels = triton_kernels("subtb_triton")
+    return kernels.subtb_backward(grad_num, log_pf, log_pterm, log_r, lengths, lam)
 
 
 _FORWARD = {"reference": _forward_reference, "cpp": _forward_cpp, "triton": _forward_triton}
