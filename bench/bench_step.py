@@ -14,7 +14,8 @@ Workload: SmolLM2-135M-Instruct (full-parameter), one prompt shared by the batch
 exactly 30 new tokens per row (termination forbidden before 30 so both methods do the same
 work), reward = frozen initial model's log-likelihood of every prefix followed by ".".
 Each method runs in its own subprocess; peak memory is the peak RSS during the timed steps
-minus the RSS after setup (model, frozen copy and AdamW states already allocated).
+(the kernel's high-water mark, reset before them) minus the RSS after setup (model, frozen
+copy, AdamW states and, for fastgfn, the sampling replica already allocated).
 
     python bench/bench_step.py [--steps 3] [--batch 16] [--tokens 30] [--model smollm2|tiny]
 """
@@ -50,14 +51,30 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        line = next(x for x in fh if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 class PeakRSS:
+    """Peak RSS inside the block. Where the kernel allows it, its own high-water mark is reset
+    on entry (``/proc/self/clear_refs``) and read on exit: exact, and no polling thread to
+    take the GIL from the timed code. Otherwise a thread samples the RSS every ``interval``."""
+
     def __init__(self, interval=0.002):
-        self.interval, self.peak, self._stop = interval, 0, False
+        self.interval, self.peak, self._stop, self._t = interval, 0, False, None
 
     def __enter__(self):
         self.peak = rss_bytes()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self.polling = False
+        except OSError:
+            self.polling = True
+            self._t = threading.Thread(target=self._run, daemon=True)
+            self._t.start()
         return self
 
     def _run(self):
@@ -67,8 +84,11 @@ class PeakRSS:
 
     def __exit__(self, *exc):
         self._stop = True
-        self._t.join()
+        if self._t is not None:
+            self._t.join()
         self.peak = max(self.peak, rss_bytes())
+        if not self.polling:
+            self.peak = max(self.peak, _vm_hwm_bytes())
 
 
 def trim():
@@ -176,7 +196,8 @@ def worker(method: str, args) -> dict:
         replica = None
         if args.sample_dtype != "model":
             replica = SamplingReplica(
-                policy, getattr(torch, args.sample_dtype), compile=args.compile_sampler
+                policy, getattr(torch, args.sample_dtype), compile=args.compile_sampler,
+                batch_hint=args.batch,
             )
 
         def step(*a):

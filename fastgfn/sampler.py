@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgfn.attention import packed_decode_attention
+
 
 @dataclass
 class Rollout:
@@ -111,33 +113,46 @@ class SamplingReplica:
     shapes, so the growing KV cache does not recompile): decoding SmolLM2-135M at batch 16 on
     the project's 2-core CPU went from 2.09 s to 1.40 s per 30-token rollout, after a one-time
     compilation of about 5 minutes — worth it for long runs only.
+
+    ``pack=True`` (the default where supported: a bf16 replica on a CPU with oneDNN bf16, not
+    compiled) keeps every linear layer's weight prepacked for oneDNN at ``batch_hint`` rows
+    (``fastgfn.packed_linear``): bit-identical logits, a rollout about 1.3x faster, and no
+    second dense copy of those weights; each ``sync`` then re-packs them (about 0.1 s for
+    SmolLM2-135M).
     """
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, compile: bool = False):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, compile: bool = False,
+                 pack: bool | None = None, batch_hint: int = 16):
+        from fastgfn.packed_linear import pack_linear_layers, packing_supported
+
         self.dtype = dtype
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         for param in self.model.parameters():
             param.data = param.data.to(dtype)
+        on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
+        can_pack = on_cpu and packing_supported(dtype) and not compile
+        if pack and not can_pack:
+            raise ValueError(
+                "pack: packed linear layers need a bf16 replica on a CPU with oneDNN bf16 "
+                f"support and compile=False (dtype={dtype}, compile={compile})"
+            )
+        self.packed = can_pack if pack is None else bool(pack)
+        if self.packed:
+            pack_linear_layers(self.model, batch_hint)
         if compile:
             decoder = self.model.get_decoder()
             decoder.forward = torch.compile(decoder.forward, dynamic=True)
 
     @torch.no_grad()
     def sync(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.packed:
+            from fastgfn.packed_linear import repack_linear_layers
+
+            repack_linear_layers(self.model, model)
+            return self.model
         for dst, src in zip(self.model.parameters(), model.parameters()):
             dst.copy_(src)
         return self.model
-
-
-def _decode_attention_context(model):
-    """On a CPU, 16-bit decoding is faster through SDPA's math kernel than its flash kernel
-    (measured 0.35 s of 2.2 s over 30 steps of SmolLM2 at batch 16); elsewhere, no change."""
-    param = next(model.parameters(), None)
-    if param is None or param.device.type != "cpu" or param.dtype == torch.float32:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def keep_in_rows(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -201,7 +216,7 @@ def sample(
         raise ValueError(f"temperatures must have shape ({B},), got {tuple(temperatures.shape)}")
     ctx = param_context if param_context is not None else contextlib.nullcontext()
     kw = cache_kwarg(model)
-    with ctx, _decode_attention_context(model):
+    with ctx, packed_decode_attention(model):
         out = model(input_ids=prompt_ids[None], use_cache=True, logits_to_keep=1)
         cache = expand_cache(output_cache(out), B)
         logits = out.logits[:, -1].expand(B, -1)

@@ -186,7 +186,8 @@ class Trainer:
                 raise ValueError("sample_dtype: a sampling replica needs whole weights, not ZeRO-3")
             replica_dtype = getattr(torch, sample_dtype)
             self.sampling_replica = SamplingReplica(
-                self.engine.module, replica_dtype, compile=cfg.compile_sampler
+                self.engine.module, replica_dtype, compile=cfg.compile_sampler,
+                batch_hint=cfg.batch_size,
             )
         elif cfg.compile_sampler:
             raise ValueError(

@@ -1,9 +1,21 @@
+import contextlib
+import copy
+
 import pytest
 import torch
 
+from fastgfn.attention import packed_decode_attention
 from fastgfn.config import load_config
 from fastgfn.models import build_tiny
-from fastgfn.sampler import SamplingReplica, draw_temperatures, sample, sample_categorical
+from fastgfn.packed_linear import pack_linear_layers, packing_supported
+from fastgfn.sampler import (
+    SamplingReplica,
+    cache_kwarg,
+    draw_temperatures,
+    output_cache,
+    sample,
+    sample_categorical,
+)
 from fastgfn.scoring import gfn_logprobs, token_logprobs_ref
 
 
@@ -113,21 +125,88 @@ def test_sample_categorical_is_exact_and_skips_zero_mass():
         assert (freq - probs[row]).abs().max() < 0.015
 
 
-def test_sampling_replica_tracks_the_policy(tiny):
+@pytest.mark.parametrize("pack", [False, True])
+def test_sampling_replica_tracks_the_policy(tiny, pack):
     model, tok = tiny
-    replica = SamplingReplica(model, torch.bfloat16)
+    if pack and not packing_supported(torch.bfloat16):
+        pytest.skip("this CPU or PyTorch build has no oneDNN bf16 (packing is then never used)")
+    model = copy.deepcopy(model)
+    replica = SamplingReplica(model, torch.bfloat16, pack=pack, batch_hint=4)
+    plain = SamplingReplica(model, torch.bfloat16, pack=False)
+    assert replica.packed is pack
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
     sampler_model = replica.sync(model)
-    assert all(p.dtype == torch.bfloat16 for p in sampler_model.parameters())
-    for a, b in zip(sampler_model.parameters(), model.parameters()):
+    reference = plain.sync(model)
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.to(torch.bfloat16).float())
-    ids = torch.tensor([tok.encode("n: 12")])
+    ids = torch.tensor([tok.encode("n: 12"), tok.encode("n: 99")])
     with torch.no_grad():
         want = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
         got = torch.log_softmax(sampler_model(input_ids=ids).logits.float(), -1)
+        same_bf16 = torch.log_softmax(reference(input_ids=ids).logits.float(), -1)
     assert (got - want).abs().max() < 0.1  # bf16 rounding, not a different model
+    torch.testing.assert_close(got, same_bf16, rtol=0, atol=1e-6)  # packing changes nothing
+
+
+def test_packed_replica_samples_what_the_plain_replica_samples(tiny):
+    if not packing_supported(torch.bfloat16):
+        pytest.skip("this CPU or PyTorch build has no oneDNN bf16 (packing is then never used)")
+    model, tok = tiny
+    prompt = torch.tensor(tok.encode("n: "))
+    rollouts = []
+    for pack in (False, True):
+        replica = SamplingReplica(model, torch.bfloat16, pack=pack, batch_hint=8)
+        rollouts.append(sample(replica.sync(model), prompt, 8, max_new_tokens=6,
+                               termination_token_id=1, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(rollouts[0].tokens, rollouts[1].tokens)
+    assert torch.equal(rollouts[0].lengths, rollouts[1].lengths)
+
+
+def test_packing_frees_dense_weights_but_keeps_tied_ones(tiny):
+    if not packing_supported(torch.bfloat16):
+        pytest.skip("this CPU or PyTorch build has no oneDNN bf16 (packing is then never used)")
+    model, _ = tiny
+    replica = SamplingReplica(model, torch.bfloat16, pack=True).model
+    q_proj = replica.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.numel() == 0  # only the packed copy remains
+    assert replica.lm_head.weight is replica.model.embed_tokens.weight  # tied: kept
+    assert replica.lm_head.weight.numel() > 0
+
+
+def test_packing_refuses_what_it_cannot_pack(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="pack"):
+        SamplingReplica(model, torch.float32, pack=True)
+    with pytest.raises(ValueError, match="batch_hint"):
+        pack_linear_layers(copy.deepcopy(model).to(torch.bfloat16), 0)
+
+
+def test_packed_gqa_decode_attention_matches_sdpa(tiny):
+    """The decode-time GQA packing gives transformers' SDPA result, and only while active."""
+    model, tok = tiny
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    assert model.config.num_attention_heads != model.config.num_key_value_heads
+    prompt = torch.tensor([tok.encode("n: 4")]).expand(3, -1)
+    step = torch.tensor([[5], [6], [7]])
+    kw = cache_kwarg(model)
+    with torch.no_grad():
+        outs = []
+        for packed in (False, True):
+            out = model(input_ids=prompt, use_cache=True)
+            ctx = packed_decode_attention(model) if packed else contextlib.nullcontext()
+            with ctx:
+                if packed:
+                    assert model.config._attn_implementation != "sdpa"
+                outs.append(model(input_ids=step, use_cache=True,
+                                  **{kw: output_cache(out)}).logits.float())
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(outs[1], outs[0], rtol=0.02, atol=0.02)
+    fp32 = copy.deepcopy(model).float()
+    with packed_decode_attention(fp32):  # fp32: the flash kernel's own GQA is kept
+        assert fp32.config._attn_implementation == "sdpa"
 
 
 def test_temperatures():

@@ -1,0 +1,87 @@
+"""Prepacked bf16 linear layers for CPU decoding (oneDNN), used by the sampling replica.
+
+Decoding multiplies a few rows (the batch) by every weight matrix once per token, so its
+matmuls are small-M and bound by how fast the weights stream in. oneDNN can keep a weight in
+its own blocked layout, prepared once for a given batch size ("prepacked"), instead of
+re-laying it out inside every call. The result is bit-identical to ``F.linear`` on the same
+bf16 weight and measured 1.7x faster on the project's CPU at batch 16 (a 1536x576 weight:
+212 us -> 126 us; SmolLM2-135M's lm_head: 6.4 ms -> 2.9 ms); a 30-token rollout of
+SmolLM2-135M at batch 16 went from 1.58 s to 1.24 s.
+
+``pack_linear_layers(model, batch_hint)`` switches every ``nn.Linear`` of a bf16 CPU model to
+a packed weight and frees its dense weight (unless another module shares it, as a tied
+embedding does); ``repack_linear_layers(model, source)`` loads new weights from a model of the
+same architecture in any dtype (one conversion and one re-layout per weight; about 0.1 s for
+SmolLM2-135M). A packed model is for inference only: no gradient flows through it.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+_PACKED = "_fastgfn_packed_weight"
+
+
+def packing_supported(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch build and CPU run oneDNN's packed linear at ``dtype`` (bf16 only:
+    the fp32 path is not faster, and fp16 needs AVX512-FP16)."""
+    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(is_supported is not None and is_supported())
+
+
+def _packed_forward(self, x):
+    return torch.ops.mkldnn._linear_pointwise(x, getattr(self, _PACKED), self.bias, "none",
+                                              [], "")
+
+
+def _linear_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _pack(weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), batch_hint)
+
+
+@torch.no_grad()
+def pack_linear_layers(model: torch.nn.Module, batch_hint: int) -> list[str]:
+    """Pack every ``nn.Linear`` of ``model`` (bf16, on the CPU) for inputs of about
+    ``batch_hint`` rows (any number of rows stays exact). Returns the packed layers' names."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu" or not packing_supported(param.dtype):
+        raise ValueError("pack_linear_layers: needs a bf16 model on a CPU with oneDNN bf16")
+    if batch_hint < 1:
+        raise ValueError(f"batch_hint must be >= 1, got {batch_hint}")
+    layers = _linear_layers(model)
+    linear_ids = {id(m) for _, m in layers}
+    shared = {  # weights that a non-linear module (e.g. a tied embedding) also reads
+        id(p) for m in model.modules() if id(m) not in linear_ids
+        for p in m.parameters(recurse=False)
+    }
+    for _, module in layers:
+        setattr(module, _PACKED, _pack(module.weight, param.dtype, batch_hint))
+        module._fastgfn_batch_hint = batch_hint
+        module.forward = types.MethodType(_packed_forward, module)
+        if id(module.weight) not in shared:
+            module.weight.data = module.weight.data.new_empty(0)  # the packed copy replaces it
+    return [name for name, _ in layers]
+
+
+@torch.no_grad()
+def repack_linear_layers(model: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Load the weights of ``source`` (same architecture, any dtype) into the packed model:
+    packed layers are re-laid out, every other parameter (including shared ones) copied."""
+    packed = {}
+    for name, module in _linear_layers(model):
+        if hasattr(module, _PACKED):
+            src = source.get_submodule(name)
+            setattr(module, _PACKED, _pack(src.weight, getattr(module, _PACKED).dtype,
+                                           module._fastgfn_batch_hint))
+            packed[id(module.weight)] = module.weight
+    for dst, src in zip(model.parameters(), source.parameters()):
+        if dst.numel() == 0 and id(dst) in packed:
+            continue  # lives only in its packed copy
+        dst.copy_(src)
