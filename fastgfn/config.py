@@ -25,7 +25,8 @@ class Config:
     gguf_file: str | None = None
     tokenizer: str | None = None
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"  # "sdpa", "eager" or "flash_attention_2"
+    attn_implementation: str = "auto"  # "auto" (flash_attention_2 when flash-attn is installed
+    #   and the model is 16-bit on CUDA, else sdpa), "sdpa", "eager" or "flash_attention_2"
     dtype: str = "float32"  # float32, bfloat16, float16
     tiny_hidden: int = 64
     tiny_layers: int = 2
@@ -111,7 +112,7 @@ _CHOICES = {
     "loss": ("subtb", "tb", "vargrad", "db"),
     "dtype": ("float32", "bfloat16", "float16"),
     "sample_dtype": ("auto", "model", "float32", "bfloat16", "float16"),
-    "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "reward_model": ("initial",),
     "lr_schedule": ("constant", "cosine"),
 }
@@ -246,6 +247,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("termination: must name a token (for example ',' or 'eos')")
     if cfg.task == "continuation" and not cfg.data_path:
         raise ConfigError("data_path: the continuation task needs a prompts file")
+    if cfg.attn_implementation == "flash_attention_2":
+        from fastgfn.models import resolve_attn_implementation
+
+        resolve_attn_implementation(cfg, log=False)  # raises when flash-attn is missing
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(f"deepspeed_config: no such file {cfg.deepspeed_config!r}")
     return cfg

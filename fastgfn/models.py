@@ -8,12 +8,15 @@ network), so tests exercise the whole stack in seconds.
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from pathlib import Path
 
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_log = logging.getLogger(__name__)
 
 
 def smollm2_path() -> tuple[str, str]:
@@ -84,11 +87,13 @@ def tiny_config(hidden: int = 64, layers: int = 2, vocab_size: int | None = None
     )
 
 
-def build_tiny(cfg, seed: int | None = None):
+def build_tiny(cfg, seed: int | None = None, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
     conf = tiny_config(cfg.tiny_hidden, cfg.tiny_layers)
-    conf._attn_implementation = cfg.attn_implementation
+    if attn_implementation is None:
+        attn_implementation = resolve_attn_implementation(cfg, log=False)
+    conf._attn_implementation = attn_implementation
     state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed if seed is None else seed)
     try:
@@ -125,21 +130,23 @@ def _resolve(cfg) -> tuple[str, str | None]:
 
 
 def load_model(cfg, *, tokenizer: bool = True, config_only_init=None):
-    """(model, tokenizer) for ``cfg.model``. SDPA attention unless configured otherwise;
+    """(model, tokenizer) for ``cfg.model``. Attention: :func:`resolve_attn_implementation`
+    (flash-attn 2 where it applies, else SDPA, unless configured otherwise);
     ``trust_remote_code`` only when asked."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
+    attn = resolve_attn_implementation(cfg)
     if cfg.model == "tiny":
-        model, tok = build_tiny(cfg)
+        model, tok = build_tiny(cfg, attn_implementation=attn)
     else:
         name, gguf = _resolve(cfg)
         kwargs = {"gguf_file": gguf} if gguf else {}
         model = AutoModelForCausalLM.from_pretrained(
             name,
             dtype=_DTYPES[cfg.dtype],
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attn,
             trust_remote_code=cfg.trust_remote_code,
             **kwargs,
         )
@@ -147,6 +154,108 @@ def load_model(cfg, *, tokenizer: bool = True, config_only_init=None):
     if cfg.lora:
         model = apply_lora(model, cfg)
     return model, tok
+
+
+# attention implementation -------------------------------------------------------------------
+def flash_attn_installed() -> bool:
+    """Whether the optional ``flash_attn`` package (``pip install fastgfn[flash]``) is
+    importable. Found without importing it (its import initialises CUDA)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def goes_to_cuda(device: str) -> bool:
+    """Whether a model for config ``device`` ends up on a CUDA device (``auto``: CUDA when
+    available, as the engines place it)."""
+    if device == "auto":
+        return cuda_available()
+    return device.startswith("cuda")
+
+
+def model_class(cfg):
+    """The class ``AutoModelForCausalLM`` builds for ``cfg.model`` (reads only the model's
+    config), or None when it cannot be determined."""
+    if cfg.model == "tiny":
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        name, gguf = _resolve(cfg)
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        conf = AutoConfig.from_pretrained(
+            name, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+        remote = (getattr(conf, "auto_map", None) or {}).get("AutoModelForCausalLM")
+        if remote and cfg.trust_remote_code:
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+            return get_class_from_dynamic_module(remote, name)
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(conf)]
+    except Exception as exc:  # unknown architecture, unreadable config: no flash-attn
+        _log.debug("model_class(%r): %s", cfg.model, exc)
+        return None
+
+
+def supports_flash_attn(cls) -> bool:
+    """What transformers reports: the model class implements flash-attn 2."""
+    return cls is not None and bool(
+        getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False)
+    )
+
+
+def resolve_attn_implementation(cfg, *, log: bool = True) -> str:
+    """The attention implementation the model is built with, from ``cfg.attn_implementation``.
+
+    ``auto`` gives ``flash_attention_2`` when the ``flash_attn`` package is importable, the
+    model goes to a CUDA device (``cfg.device``), its dtype (``cfg.dtype``) is bfloat16 or
+    float16 and transformers reports that the model class supports flash-attn 2; ``sdpa``
+    otherwise. (A DeepSpeed ``bf16`` section does not count: set ``dtype=bfloat16``.)
+    ``sdpa``, ``eager`` and ``flash_attention_2`` are taken as given, but
+    ``flash_attention_2`` without ``flash_attn`` installed is a ``ConfigError`` (a
+    ``ValueError``) naming the key. The choice and its reason are logged (logger
+    ``fastgfn.models``, level INFO).
+    """
+    from fastgfn.config import ConfigError
+
+    requested = cfg.attn_implementation
+    if requested == "flash_attention_2" and not flash_attn_installed():
+        raise ConfigError(
+            "attn_implementation: 'flash_attention_2' needs the flash-attn package, which is "
+            "not importable here (pip install 'fastgfn[flash]' on a CUDA machine); use "
+            "attn_implementation=auto or sdpa"
+        )
+    if requested != "auto":
+        chosen, why = requested, "as configured"
+    elif not flash_attn_installed():
+        chosen, why = "sdpa", "flash-attn is not installed"
+    elif not goes_to_cuda(cfg.device):
+        chosen, why = "sdpa", f"the model does not go to a CUDA device (device={cfg.device})"
+    elif cfg.dtype not in ("bfloat16", "float16"):
+        chosen, why = "sdpa", f"flash-attn 2 needs bfloat16 or float16, dtype={cfg.dtype}"
+    elif not supports_flash_attn(model_class(cfg)):
+        chosen, why = "sdpa", "transformers reports no flash-attn 2 support for this model"
+    else:
+        chosen, why = "flash_attention_2", "flash-attn installed, CUDA, " + cfg.dtype
+    if log:
+        _log_main(f"attention: {chosen} ({why})")
+    return chosen
+
+
+def _log_main(message: str) -> None:
+    """INFO on the ``fastgfn.models`` logger; printed to stderr on rank 0 when the
+    application configured no logging (the training CLI does not)."""
+    if _log.handlers or logging.getLogger().handlers:
+        _log.info(message)
+    elif os.environ.get("RANK", "0") == "0":
+        import sys
+
+        print(f"fastgfn: {message}", file=sys.stderr, flush=True)
 
 
 def exportable(model):
