@@ -114,29 +114,43 @@ class SamplingReplica:
     the project's 2-core CPU went from 2.09 s to 1.40 s per 30-token rollout, after a one-time
     compilation of about 5 minutes — worth it for long runs only.
 
-    ``pack=True`` (the default where supported: a bf16 replica on a CPU with oneDNN bf16, not
-    compiled) keeps every linear layer's weight prepacked for oneDNN at ``batch_hint`` rows
-    (``fastgfn.packed_linear``): bit-identical logits, a rollout about 1.3x faster, and no
-    second dense copy of those weights; each ``sync`` then re-packs them (about 0.1 s for
-    SmolLM2-135M).
+    ``lean=True`` (the default where supported: a Llama-family model, bf16, a CPU with oneDNN
+    bf16, not compiled) holds no transformers copy at all but a ``fastgfn.lean_decoder``
+    ``LeanDecoder`` (prepacked weights and a decode loop with a fraction of transformers'
+    per-token overhead); ``sync`` returns it and ``sample`` accepts it as the model.
+
+    Otherwise ``pack=True`` (the default where supported: a bf16 replica on a CPU with oneDNN
+    bf16, not compiled) keeps every linear layer's weight prepacked for oneDNN at
+    ``batch_hint`` rows (``fastgfn.packed_linear``): bit-identical logits, a rollout about
+    1.3x faster, and no second dense copy of those weights; each ``sync`` then re-packs them
+    (about 0.1 s for SmolLM2-135M).
     """
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, compile: bool = False,
-                 pack: bool | None = None, batch_hint: int = 16):
+                 pack: bool | None = None, batch_hint: int = 16, lean: bool | None = None):
+        from fastgfn.lean_decoder import LeanDecoder, lean_decoder_unsupported
         from fastgfn.packed_linear import pack_linear_layers, packing_supported
 
         self.dtype = dtype
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        for param in self.model.parameters():
-            param.data = param.data.to(dtype)
-        on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         can_pack = on_cpu and packing_supported(dtype) and not compile
         if pack and not can_pack:
             raise ValueError(
                 "pack: packed linear layers need a bf16 replica on a CPU with oneDNN bf16 "
                 f"support and compile=False (dtype={dtype}, compile={compile})"
             )
-        self.packed = can_pack if pack is None else bool(pack)
+        why_not_lean = lean_decoder_unsupported(model) if can_pack and pack is not False \
+            else "it needs packed bf16 weights (pack=True on a CPU with oneDNN bf16)"
+        if lean and why_not_lean is not None:
+            raise ValueError(f"lean: cannot use the lean decoder: {why_not_lean}")
+        self.lean = why_not_lean is None if lean is None else bool(lean)
+        self.packed = self.lean or (can_pack if pack is None else bool(pack))
+        if self.lean:  # no transformers copy at all: the decoder holds its own weights
+            self.model = LeanDecoder(model, dtype, batch_hint)
+            return
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        for param in self.model.parameters():
+            param.data = param.data.to(dtype)
         if self.packed:
             pack_linear_layers(self.model, batch_hint)
         if compile:
@@ -144,7 +158,10 @@ class SamplingReplica:
             decoder.forward = torch.compile(decoder.forward, dynamic=True)
 
     @torch.no_grad()
-    def sync(self, model: torch.nn.Module) -> torch.nn.Module:
+    def sync(self, model: torch.nn.Module):
+        """Load ``model``'s current weights; returns what ``sample`` decodes with."""
+        if self.lean:
+            return self.model.load(model)
         if self.packed:
             from fastgfn.packed_linear import repack_linear_layers
 
@@ -160,10 +177,25 @@ def keep_in_rows(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(rows, keep)
 
 
-def _select_rows(cache, index: torch.Tensor) -> None:
-    for layer in cache.layers:
-        layer.keys = layer.keys[index]
-        layer.values = layer.values[index]
+class _TransformersDecoding:
+    """One rollout through a transformers model: the prompt once (batch 1), its KV cache
+    expanded over the batch, then one token per step for the rows still running."""
+
+    def __init__(self, model, prompt_ids, batch_size: int):
+        self.model, self.kw = model, cache_kwarg(model)
+        out = model(input_ids=prompt_ids[None], use_cache=True, logits_to_keep=1)
+        self.cache = expand_cache(output_cache(out), batch_size)
+        self.first_logits = out.logits[:, -1].expand(batch_size, -1)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index]
+            layer.values = layer.values[index]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens[:, None], use_cache=True, **{self.kw: self.cache})
+        self.cache = output_cache(out)
+        return out.logits[:, -1]
 
 
 def _all_done(done: torch.Tensor) -> bool:
@@ -214,12 +246,16 @@ def sample(
     temperatures = temperatures.to(device=device, dtype=torch.float32)
     if temperatures.shape != (B,):
         raise ValueError(f"temperatures must have shape ({B},), got {tuple(temperatures.shape)}")
+    from fastgfn.lean_decoder import LeanDecoder
+
+    lean = isinstance(model, LeanDecoder)
     ctx = param_context if param_context is not None else contextlib.nullcontext()
-    kw = cache_kwarg(model)
-    with ctx, packed_decode_attention(model):
-        out = model(input_ids=prompt_ids[None], use_cache=True, logits_to_keep=1)
-        cache = expand_cache(output_cache(out), B)
-        logits = out.logits[:, -1].expand(B, -1)
+    with ctx, (contextlib.nullcontext() if lean else packed_decode_attention(model)):
+        if lean:
+            decoding = model.start(prompt_ids, B, max_new_tokens)
+        else:
+            decoding = _TransformersDecoding(model, prompt_ids, B)
+        logits = decoding.first_logits
         tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         lengths = torch.zeros(B, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -245,11 +281,13 @@ def sample(
             if keep.numel() == 0:  # other ranks still decode: run a dummy row
                 keep = rows[:1]
             if keep.numel() < rows.numel():
-                _select_rows(cache, keep_in_rows(rows, keep))
+                decoding.keep_rows(keep_in_rows(rows, keep))
                 rows = keep
-            out = model(input_ids=tokens[rows, t : t + 1], use_cache=True, **{kw: cache})
-            cache = output_cache(out)
-            logits = torch.zeros(B, out.logits.shape[-1], dtype=out.logits.dtype, device=device)
-            logits[rows] = out.logits[:, -1]
+            step_logits = decoding.step(tokens[rows, t])
+            if rows.numel() == B:
+                logits = step_logits
+            else:
+                logits = step_logits.new_zeros(B, step_logits.shape[-1])
+                logits[rows] = step_logits
     T = int(lengths.max().item()) if B else 0
     return Rollout(tokens[:, : max(T, 1)].contiguous(), lengths, done.clone(), temperatures)

@@ -131,7 +131,7 @@ def test_sampling_replica_tracks_the_policy(tiny, pack):
     if pack and not packing_supported(torch.bfloat16):
         pytest.skip("this CPU or PyTorch build has no oneDNN bf16 (packing is then never used)")
     model = copy.deepcopy(model)
-    replica = SamplingReplica(model, torch.bfloat16, pack=pack, batch_hint=4)
+    replica = SamplingReplica(model, torch.bfloat16, pack=pack, batch_hint=4, lean=False)
     plain = SamplingReplica(model, torch.bfloat16, pack=False)
     assert replica.packed is pack
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_packed_replica_samples_what_the_plain_replica_samples(tiny):
     prompt = torch.tensor(tok.encode("n: "))
     rollouts = []
     for pack in (False, True):
-        replica = SamplingReplica(model, torch.bfloat16, pack=pack, batch_hint=8)
+        replica = SamplingReplica(model, torch.bfloat16, pack=pack, batch_hint=8, lean=False)
         rollouts.append(sample(replica.sync(model), prompt, 8, max_new_tokens=6,
                                termination_token_id=1, generator=torch.Generator().manual_seed(5)))
     assert torch.equal(rollouts[0].tokens, rollouts[1].tokens)
@@ -169,7 +169,7 @@ def test_packing_frees_dense_weights_but_keeps_tied_ones(tiny):
     if not packing_supported(torch.bfloat16):
         pytest.skip("this CPU or PyTorch build has no oneDNN bf16 (packing is then never used)")
     model, _ = tiny
-    replica = SamplingReplica(model, torch.bfloat16, pack=True).model
+    replica = SamplingReplica(model, torch.bfloat16, pack=True, lean=False).model
     q_proj = replica.model.layers[0].self_attn.q_proj
     assert q_proj.weight.numel() == 0  # only the packed copy remains
     assert replica.lm_head.weight is replica.model.embed_tokens.weight  # tied: kept
