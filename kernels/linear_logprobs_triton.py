@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from fastgfn._backend import triton_interpreter_enabled
+from fastgfn._dtypes import accumulation_dtype
 
 from .logprobs_triton import (
     NEG_BIG,
@@ -333,7 +334,7 @@ def linear_logprobs_forward(
 ):
     N, H = hidden.shape
     V = weight.shape[0]
-    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out_dtype = accumulation_dtype(hidden)
     h, w, b, beta = _prepare(hidden, weight, bias, vocab_bias)
     lse = torch.empty(N, device=h.device, dtype=torch.float32)
     ent = torch.empty(N if need_entropy else 1, device=h.device, dtype=torch.float32)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgfn._dtypes import accumulation_dtype
+
 NEG_BIG = tl.constexpr(-1.0e30)
 
 
@@ -278,7 +280,7 @@ def logprobs_forward(
     logits, target, extra_ids, vocab_bias, temperature, softcap, ignore_index, need_entropy
 ):
     N, V = logits.shape
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out_dtype = accumulation_dtype(logits)
     z = logits if logits.dtype != torch.float64 else logits.float()
     z = z.contiguous()
     beta = vocab_bias.float().contiguous() if vocab_bias is not None else None

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgfn._dtypes import accumulation_dtype
+
 
 @triton.jit
 def _lam_pow(e, log2_lam):
@@ -196,14 +198,10 @@ def _lam_constants(lam: float, block: int) -> tuple[float, float]:
     return log2_lam, float(lam) ** block
 
 
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def subtb_forward(log_pf, log_pterm, log_r, lengths, lam: float):
     """Launch the forward kernel: per-sequence (num, den)."""
     B, T = log_pf.shape
-    dtype = _acc_dtype(log_pf, log_pterm, log_r)
+    dtype = accumulation_dtype(log_pf, log_pterm, log_r)
     num = torch.empty(B, dtype=dtype, device=log_pf.device)
     den = torch.empty(B, dtype=dtype, device=log_pf.device)
     if B == 0:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fastgfn._backend import resolve_backend, triton_kernels
+from fastgfn._dtypes import accumulation_dtype
 from fastgfn._extension import require_cpu_kernels
 from fastgfn._validation import (
     as_index_tensor,
@@ -52,10 +53,6 @@ __all__ = [
     "linear_token_logprobs",
     "token_logprobs",
 ]
-
-
-def _out_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _softcap_or_none(softcap: float) -> float | None:
@@ -85,7 +82,7 @@ def _fwd_reference(
         vocab_bias=vocab_bias,
         softcap=_softcap_or_none(softcap),
         ignore_index=ignore_index,
-        compute_dtype=_out_dtype(logits),
+        compute_dtype=accumulation_dtype(logits),
     )
     return _reference_outputs(out, need_entropy, logits.shape[0])
 
@@ -117,7 +114,7 @@ def _bwd_reference(
         vocab_bias=vocab_bias,
         softcap=_softcap_or_none(softcap),
         ignore_index=ignore_index,
-        compute_dtype=_out_dtype(logits),
+        compute_dtype=accumulation_dtype(logits),
     )
     return dlogits.to(logits.dtype)
 
@@ -179,7 +176,7 @@ def _lfwd_reference(
     ignore_index,
     need_entropy,
 ):
-    dtype = _out_dtype(hidden)
+    dtype = accumulation_dtype(hidden)
     return _fwd_reference(
         _linear_logits(hidden, weight, bias, dtype),
         target,
@@ -226,7 +223,7 @@ def _lbwd_reference(
         vocab_bias=vocab_bias,
         softcap=_softcap_or_none(softcap),
         ignore_index=ignore_index,
-        compute_dtype=_out_dtype(hidden),
+        compute_dtype=accumulation_dtype(hidden),
     )
 
     def empty():
@@ -267,7 +264,7 @@ _LBACKWARD = {"reference": _lbwd_reference, "cpp": _lbwd_cpp, "triton": _lbwd_tr
 
 
 def _fake_outputs(x, n, k, need_entropy):
-    dtype = _out_dtype(x)
+    dtype = accumulation_dtype(x)
     return (
         x.new_empty((n,), dtype=dtype),
         x.new_empty((n, k), dtype=dtype),

@@ -15,17 +15,12 @@ from __future__ import annotations
 import torch
 
 from fastgfn._backend import triton_kernels
+from fastgfn._dtypes import accumulation_dtype
 from fastgfn._extension import require_cpu_kernels
 from fastgfn.reference.subtb import (
     subtb_pair_sums_backward_reference,
     subtb_pair_sums_reference,
 )
-
-
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """Output dtype of num/den: float64 if any input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
 
 # ---------------------------------------------------------------------------------------------
 # Backend implementations
@@ -34,7 +29,7 @@ def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def _forward_reference(log_pf, log_pterm, log_r, lengths, lam):
     num, den = subtb_pair_sums_reference(log_pf, log_pterm, log_r, lengths, lam)
-    dtype = _acc_dtype(log_pf, log_pterm, log_r)
+    dtype = accumulation_dtype(log_pf, log_pterm, log_r)
     return num.to(dtype), den.to(dtype)
 
 
@@ -90,7 +85,7 @@ def subtb_pair_sums(
 
 @subtb_pair_sums.register_fake
 def _(log_pf, log_pterm, log_r, lengths, lam, backend):
-    dtype = _acc_dtype(log_pf, log_pterm, log_r)
+    dtype = accumulation_dtype(log_pf, log_pterm, log_r)
     B = log_pf.shape[0]
     return log_pf.new_empty((B,), dtype=dtype), log_pf.new_empty((B,), dtype=dtype)
 
