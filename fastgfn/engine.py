@@ -9,6 +9,12 @@ Two implementations behind one interface:
 log Z is a scalar parameter held by the engine with its own Adam (learning rate
 ``log_z_lr``); across ranks its gradient is all-reduced (averaged) so every rank keeps the
 same value.
+
+Every checkpoint directory holds ``engine.json`` (engine kind, ZeRO stage, world size), so a
+resume can tell what it is loading before it loads: a DeepSpeed checkpoint saved by K
+processes resumes in K' != K processes through DeepSpeed's universal checkpoint (converted
+once, on rank 0, into ``<checkpoint>/universal``), and a checkpoint of the other engine or
+of another ZeRO stage is refused with a ``ValueError`` that says what to do instead.
 """
 
 from __future__ import annotations
@@ -145,10 +151,21 @@ class TorchEngine:
             },
             directory / "optimizer.pt",
         )
+        write_engine_meta(directory, {"kind": self.kind, "zero_stage": None, "world_size": 1})
 
     def load(self, directory: Path) -> None:
         from safetensors.torch import load_file
 
+        meta = read_engine_meta(directory)
+        if meta["kind"] != self.kind:
+            raise ValueError(
+                f"resume: checkpoint {str(directory)!r} was written by the DeepSpeed engine "
+                f"(ZeRO-{meta['zero_stage']}, {meta['world_size']} process(es)); this run is one "
+                "plain process. Resume it under DeepSpeed with the same ZeRO stage (any number "
+                "of processes: `deepspeed --num_gpus K fastgfn/train.py --deepspeed_config "
+                f"ds_zero{meta['zero_stage']}.json ... --resume`), or export its weights "
+                "(export_dir=) and start a new run from them"
+            )
         state = load_file(str(directory / "model.safetensors"))
         missing, unexpected = self.module.load_state_dict(state, strict=False)
         missing = [k for k in missing if not _is_tied(self.module, k)]
@@ -235,16 +252,59 @@ class DeepSpeedEngine:
         self.engine.train(mode)
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(
-            str(directory.parent),
-            tag=directory.name,
-            client_state={"log_z": self.log_z.state_dict()},
-            save_latest=False,
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         )
 
+        client = {"log_z": self.log_z.state_dict()}
+        if self.stage < 3:
+            # ds_to_universal needs this entry to convert a ZeRO-1/2 checkpoint
+            client[UNIVERSAL_CHECKPOINT_INFO] = {
+                UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
+            }
+        self.engine.save_checkpoint(
+            str(directory.parent), tag=directory.name, client_state=client, save_latest=False
+        )
+        if rank() == 0:
+            write_engine_meta(
+                directory, {"kind": self.kind, "zero_stage": self.stage, "world_size": world_size()}
+            )
+
     def load(self, directory: Path) -> None:
-        _, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
-        if client and "log_z" in client:
+        """Load a checkpoint of this engine. Saved by another number of processes, it is
+        converted to DeepSpeed's universal checkpoint (once, by rank 0) and loaded from that,
+        which re-partitions the fp32 weights and the optimizer state for this world size."""
+        directory = Path(directory)
+        meta = read_engine_meta(directory)
+        if meta["kind"] != self.kind:
+            raise ValueError(
+                f"resume: checkpoint {str(directory)!r} was written by one plain process (the "
+                f"torch engine); this run is DeepSpeed ZeRO-{self.stage}. Resume it without "
+                "--deepspeed_config in one plain process, or export its weights (export_dir=) "
+                "and start a new DeepSpeed run from them"
+            )
+        if meta["zero_stage"] is not None and meta["zero_stage"] != self.stage:
+            raise ValueError(
+                f"resume: checkpoint {str(directory)!r} was saved under ZeRO-{meta['zero_stage']} "
+                f"but this run's deepspeed_config is ZeRO-{self.stage}; resume with a "
+                f"ZeRO-{meta['zero_stage']} config (configs/ds_zero{meta['zero_stage']}.json), "
+                "or export its weights (export_dir=) and start a new run from them"
+            )
+        if meta["world_size"] == world_size():
+            _, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
+        else:
+            universal = ensure_universal_checkpoint(directory)
+            config = self.engine._config
+            config.load_universal_checkpoint = True  # read at load time only
+            try:
+                _, client = self.engine.load_checkpoint(str(directory), tag=universal.name)
+            finally:
+                config.load_universal_checkpoint = False
+        if client is None:
+            raise ValueError(f"resume: DeepSpeed could not load checkpoint {str(directory)!r}")
+        if "log_z" in client:
             self.log_z.load_state_dict(client["log_z"])
 
     def unwrapped(self):
@@ -262,6 +322,78 @@ class DeepSpeedEngine:
                 yield self.module
         else:
             yield self.module
+
+
+ENGINE_META = "engine.json"
+
+
+def write_engine_meta(directory: Path, meta: dict) -> None:
+    with open(Path(directory) / ENGINE_META, "w") as fh:
+        json.dump(meta, fh)
+
+
+def read_engine_meta(directory: Path) -> dict:
+    """``{"kind", "zero_stage", "world_size"}`` of a checkpoint directory (inferred from the
+    files for checkpoints written before ``engine.json`` existed)."""
+    directory = Path(directory)
+    path = directory / ENGINE_META
+    if path.is_file():
+        return json.loads(path.read_text())
+    if (directory / "model.safetensors").is_file():
+        return {"kind": "torch", "zero_stage": None, "world_size": 1}
+    optim = sorted(directory.glob("*zero_pp_rank_*_optim_states.pt"))
+    if not optim:
+        raise ValueError(f"resume: {str(directory)!r} holds no fastgfn engine checkpoint")
+    # ZeRO-3 writes per-rank model states; ZeRO-1 and 2 one mp_rank file (stage unknown)
+    stage = 3 if any(directory.glob("zero_pp_rank_*_model_states.pt")) else None
+    return {"kind": "deepspeed", "zero_stage": stage, "world_size": len(optim)}
+
+
+def ensure_universal_checkpoint(directory: Path) -> Path:
+    """``<directory>/universal``: the DeepSpeed checkpoint in ``directory`` converted to a
+    universal checkpoint (``deepspeed.checkpoint.ds_to_universal``), which any world size can
+    load. Rank 0 converts (into a temporary folder renamed into place); all ranks wait."""
+    directory = Path(directory)
+    out = directory / "universal"
+    error = torch.zeros(1)
+    if rank() == 0 and not out.is_dir():
+        import argparse
+        import shutil
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = directory / f".tmp-universal-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=str(directory),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        try:
+            with contextlib.redirect_stdout(None):
+                ds_to_universal.main(args)
+            (directory / "latest_universal").unlink(missing_ok=True)
+            os.replace(tmp, out)
+        except Exception as exc:  # noqa: BLE001 (reported below, on every rank)
+            shutil.rmtree(tmp, ignore_errors=True)
+            error[0] = 1
+            reason = f"{type(exc).__name__}: {exc}"
+    if world_size() > 1:
+        torch.distributed.all_reduce(error)
+    if error.item():
+        detail = reason if rank() == 0 else "see rank 0"
+        raise ValueError(
+            f"resume: checkpoint {str(directory)!r} was saved by another number of processes "
+            f"and its conversion to a universal checkpoint failed ({detail}); resume with the "
+            "world size that saved it, or convert it by hand: python -m "
+            f"deepspeed.checkpoint.ds_to_universal --input_folder {directory} "
+            f"--output_folder {out}"
+        )
+    return out
 
 
 def load_ds_config(cfg) -> dict:
@@ -301,6 +433,27 @@ class _KeepAlive(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc):
         return False
+
+
+def frozen_zero3_module(model, ds_config: dict):
+    """A frozen model for inference under ZeRO-3: a DeepSpeed engine with no optimizer
+    (DeepSpeed's ZeRO-Inference), so the weights are partitioned over the ranks and each
+    layer is gathered for its forward and released after it. Every rank must call the
+    model's forward the same number of times. Returns the engine; its ``.module`` is the
+    model to call (keep the engine referenced for as long as the model is used)."""
+    import copy
+
+    import deepspeed
+
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        raise ValueError("ds_config: frozen_zero3_module needs a ZeRO-3 config (stage 3)")
+    conf = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        conf.pop(key, None)
+    conf["gradient_clipping"] = 0.0
+    engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=conf)
+    engine.eval()
+    return engine
 
 
 def launched_by_deepspeed() -> bool:

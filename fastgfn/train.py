@@ -158,14 +158,12 @@ class Trainer:
             model, self.tokenizer = load_model(cfg)
         self.load_seconds = time.time() - t0
         task_kwargs = {}
+        self.reward_engine = None
         if cfg.task == "continuation":
             if cfg.lora:  # the frozen reward is the same model with its adapters disabled
                 task_kwargs = {"reward_model": model, "adapters_off": True}
             else:  # a frozen copy of the initial policy
-                import copy
-
-                reward_model = copy.deepcopy(model).eval().requires_grad_(False)
-                task_kwargs = {"reward_model": reward_model}
+                task_kwargs = {"reward_model": self._frozen_reward_model(model, ds_config)}
         self.task = build_task(cfg, self.tokenizer, **task_kwargs)
         model.train()
         # Dropout would make the teacher-forced pass disagree with sampling; turn it off.
@@ -207,6 +205,29 @@ class Trainer:
         self.logger = MetricsLogger(cfg, self.out, self.is_main)
         self._stop_signal = None
 
+    def _frozen_reward_model(self, model, ds_config):
+        """The frozen reward LM: a separate copy of the initial policy. Under ZeRO-3 it is
+        partitioned like the policy (each rank holds 1/world of its weights) and runs through
+        an optimizer-less DeepSpeed engine that gathers each layer for its forward; otherwise
+        it is a plain replica on every rank."""
+        import copy
+
+        from fastgfn.engine import frozen_zero3_module, zero3_init_context
+
+        stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+        if stage != 3:
+            return copy.deepcopy(model).eval().requires_grad_(False)
+        if self.cfg.model == "tiny":  # built whole (see above): copy it before DeepSpeed does
+            reward = copy.deepcopy(model)
+        else:  # the policy is already partitioned: load the initial weights again, partitioned
+            from fastgfn.models import load_model
+
+            with zero3_init_context(ds_config):
+                reward, _ = load_model(self.cfg, tokenizer=False)
+        reward.eval().requires_grad_(False)
+        self.reward_engine = frozen_zero3_module(reward, ds_config)
+        return self.reward_engine.module
+
     # ------------------------------------------------------------------------------------
     def reward_temperature(self, step: int) -> float:
         cfg = self.cfg
@@ -221,8 +242,14 @@ class Trainer:
 
         cfg, task = self.cfg, self.task
         pad = _pad(task)
-        use_replay = self.py_rng.random() < cfg.replay_prob
-        if use_replay and self.buffer.size(prompt_index) > 0:
+        use_replay = self.py_rng.random() < cfg.replay_prob and self.buffer.size(prompt_index) > 0
+        if self.world > 1:
+            # Sampling runs collectives (the stop flag, ZeRO-3 gathers) and replay none: all
+            # ranks replay or all sample, or a rank that samples waits forever.
+            flag = torch.tensor([int(use_replay)], device=self.engine.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            use_replay = bool(flag.item())
+        if use_replay:
             rows = self.buffer.sample(prompt_index, cfg.batch_size, self.py_rng)
             tokens, lengths = ReplayBuffer.to_tensors(rows, pad)
             return tokens, lengths, rows, True
@@ -384,6 +411,15 @@ class Trainer:
         self.step = int(client["step"])
         self.buffer.load_state_dict(client["buffer"])
         set_rng_state(rng, self.generator, self.py_rng)
+        saved_world = int(client.get("world_size", self.world))
+        if self.rank >= saved_world and not self.cfg.same_data_all_ranks:
+            # A rank the saving run did not have got rank 0's RNG state; give it its own
+            # stream (deterministic in seed, rank and step) so ranks do not sample alike.
+            seed = self.cfg.seed + 1000003 * self.rank + 7919 * self.step
+            self.generator.manual_seed(seed)
+            self.py_rng.seed(seed)
+        if saved_world != self.world:
+            self.print(f"resume: checkpoint of {saved_world} process(es) loaded in {self.world}")
         self.print(f"resumed from {path} at step {self.step}")
         return True
 

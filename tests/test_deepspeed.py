@@ -1,8 +1,10 @@
 """Multi-process DeepSpeed runs on CPU (gloo): `deepspeed --num_gpus 2 fastgfn/train.py` with a
 tiny random model under ZeRO-2 and ZeRO-3. With every rank sampling the same data, the
 averaged gradient equals the single-process gradient, so the loss curves must match the
-plain single-process run; checkpoints saved under ZeRO resume, and ZeRO-3 exports a Hugging
-Face directory that loads back."""
+plain single-process run; checkpoints saved under ZeRO resume (in the same and in another
+number of processes), and ZeRO-3 exports a Hugging Face directory that loads back. LoRA runs
+under both stages; the continuation task's frozen reward LM is ZeRO-3-partitioned.
+`tests/ds_worker.py` looks inside a launched run where the test needs to."""
 
 import json
 import os
@@ -48,24 +50,41 @@ def _losses(out: Path):
     return [x["loss"] for x in lines if "loss" in x]
 
 
-def _launch(ds_config: str, out: Path, extra=(), port=29611):
+_PORT = [29611]
+
+
+def _launch(ds_config: str, out: Path, extra=(), procs=2, worker=None, args=ARGS):
+    """``deepspeed --num_gpus procs`` on train.py, or on tests/ds_worker.py with
+    ``worker=(MODE, OUT)``."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    _PORT[0] += 1  # a fresh port per launch (the last one may linger in TIME_WAIT)
+    script = ["fastgfn/train.py"] if worker is None else ["tests/ds_worker.py", *worker]
     cmd = [
         _deepspeed(),
         "--num_gpus",
-        "2",
+        str(procs),
         "--master_port",
-        str(port),
-        "fastgfn/train.py",
+        str(_PORT[0]),
+        *script,
         "--deepspeed_config",
         ds_config,
-        *ARGS,
+        *args,
         f"output_dir={out}",
         *extra,
     ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
+
+
+def _ds(stage: int) -> str:
+    return str(ROOT / "configs" / f"ds_zero{stage}.json")
+
+
+def _close(losses, single):
+    assert len(losses) == len(single), (losses, single)
+    for a, b in zip(losses, single):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (losses, single)
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +97,177 @@ def single(tmp_path_factory):
     return _losses(out)
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``saved(stage)``: the output directory of a 2-process run of 4 steps stopped after
+    step 2 with a checkpoint (launched once per stage, copied by each test)."""
+    runs = {}
+
+    def get(stage: int) -> Path:
+        if stage not in runs:
+            out = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+            _launch(_ds(stage), out, ["steps=4", "stop_after_steps=2", "save_every=2"])
+            runs[stage] = out
+        return runs[stage]
+
+    return get
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_matches_single_process_and_resumes(tmp_path, single, stage):
-    ds = str(ROOT / "configs" / f"ds_zero{stage}.json")
+def test_zero_matches_single_process_and_resumes(tmp_path, single, saved, stage):
     out = tmp_path / "run"
-    _launch(ds, out, ["steps=4", "stop_after_steps=2", "save_every=2"], port=29611 + stage)
+    shutil.copytree(saved(stage), out)
     _launch(
-        ds,
-        out,
-        ["steps=4", "resume=true", "save_every=2", f"export_dir={tmp_path / 'hf'}"],
-        port=29621 + stage,
+        _ds(stage), out, ["steps=4", "resume=true", "save_every=2", f"export_dir={tmp_path / 'hf'}"]
     )
-    losses = _losses(out)
-    assert len(losses) == 4
-    for a, b in zip(losses, single):
-        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (losses, single)
+    _close(_losses(out), single)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_of_two_processes_resumes_in_one(tmp_path, single, saved, stage):
+    """2 -> 1 process: the engine converts the checkpoint to DeepSpeed's universal format
+    (DeepSpeed 0.19 refuses a plain ZeRO checkpoint of another world size) and loads it;
+    parameters, step, log Z, replay buffer and RNG states come back exactly, and the run
+    goes on along the single-process loss curve (so the Adam moments came back too)."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    out, look = tmp_path / "run", tmp_path / "look"
+    shutil.copytree(saved(stage), out)
+    ckpt = out / "checkpoints" / "step_00000002"
+    before = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    client = json.loads((ckpt / "client_state.json").read_text())
+    rng = load_file(str(ckpt / "rng_rank0.safetensors"))
+    _launch(_ds(stage), out, ["steps=4", "resume=true"], procs=1, worker=("resume", look))
+
+    seen = json.loads((look / "resume_rank0.json").read_text())
+    assert seen["resumed"] and seen["world"] == 1 and client["world_size"] == 2
+    assert seen["step"] == client["step"] == 2
+    assert seen["log_z"] == client["log_z"] != 0.0
+    assert seen["buffer"] == client["buffer"] and client["buffer"]["entries"]
+    after = load_file(str(look / "resumed_params.safetensors"))
+    assert after.keys() <= before.keys() and len(after) > 10
+    for k, v in after.items():
+        assert torch.equal(v, before[k].float()), k
+    mine = load_file(str(look / "resumed_rng_rank0.safetensors"))
+    assert torch.equal(mine["generator"], rng["generator"])
+    assert torch.equal(mine["py_rng"], rng["py_rng"])
+    assert (ckpt / "universal").is_dir()
+    _close(_losses(out), single)
+
+
+def test_checkpoint_of_one_process_resumes_in_two(tmp_path, single):
+    """1 -> 2 processes under ZeRO-3 (each rank takes its partition of the universal
+    checkpoint; the new rank 1 takes rank 0's RNG state, as every rank samples the same
+    data here): the loss curve is the single-process one."""
+    out = tmp_path / "run"
+    _launch(_ds(3), out, ["steps=4", "stop_after_steps=2", "save_every=2"], procs=1)
+    _launch(_ds(3), out, ["steps=4", "resume=true"], procs=2)
+    _close(_losses(out), single)
+
+
+def test_plain_process_refuses_a_deepspeed_checkpoint(tmp_path, saved):
+    from fastgfn.config import load_config
+    from fastgfn.train import Trainer
+
+    out = tmp_path / "run"
+    shutil.copytree(saved(2), out)
+    tr = Trainer(load_config(None, ARGS + ["steps=4", "resume=true", f"output_dir={out}"]))
+    with pytest.raises(ValueError, match=r"DeepSpeed engine \(ZeRO-2, 2 process.*deepspeed"):
+        tr.run()
+
+
+def test_deepspeed_engine_refuses_other_stage_or_engine(tmp_path, saved):
+    """The checks run before DeepSpeed is touched, so a stand-in engine object will do."""
+    from types import SimpleNamespace
+
+    from fastgfn.config import load_config
+    from fastgfn.engine import DeepSpeedEngine, ensure_universal_checkpoint
+    from fastgfn.train import Trainer
+
+    ckpt = saved(2) / "checkpoints" / "step_00000002"
+    zero3 = SimpleNamespace(kind="deepspeed", stage=3)
+    with pytest.raises(ValueError, match="saved under ZeRO-2 but .* ZeRO-3"):
+        DeepSpeedEngine.load(zero3, ckpt)
+    plain = tmp_path / "plain"
+    tr = Trainer(load_config(None, ARGS + ["steps=1", "save_every=1", f"output_dir={plain}"]))
+    tr.run()
+    with pytest.raises(ValueError, match="one plain process"):
+        DeepSpeedEngine.load(zero3, plain / "checkpoints" / "step_00000001")
+    with pytest.raises(ValueError, match="no fastgfn engine checkpoint"):
+        DeepSpeedEngine.load(zero3, tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "engine.json").write_text('{"kind": "deepspeed", "zero_stage": 3, "world_size": 2}')
+    with pytest.raises(ValueError, match="ds_to_universal"):
+        ensure_universal_checkpoint(bad)
+
+
+def test_frozen_reward_lm_is_zero3_partitioned(tmp_path):
+    """Continuation task under ZeRO-3 on 2 processes: every parameter of the frozen reward LM
+    is partitioned (each rank holds half, nothing gathered at rest), its log-rewards (rows of
+    different lengths on each rank) equal those of an unsharded copy of the initial weights
+    to 1e-5 before and after training, and the ranks sample different data with replay
+    without a collective mismatch."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The sky is blue.\nA cat sat on the mat.\n")
+    look = tmp_path / "look"
+    extra = [
+        "task=continuation",
+        f"data_path={prompts}",
+        "termination=.",
+        "max_new_tokens=4",
+        "steps=3",
+        "lr=1e-2",
+        "same_data_all_ranks=false",
+    ]
+    _launch(_ds(3), tmp_path / "run", extra, worker=("reward", look))
+    for r in range(2):
+        seen = json.loads((look / f"reward_rank{r}.json").read_text())
+        assert seen["world"] == 2 and not seen["reward_is_policy"] and seen["policy_changed"]
+        assert len(seen["shard"]) > 10
+        for p in seen["shard"]:
+            assert p["ds_numel"] > 0 and p["numel"] == 0, p
+            assert p["local"] == -(-p["ds_numel"] // 2), p
+        assert seen["err_before"] <= 1e-5 and seen["err_after"] <= 1e-5, seen
+        assert len(seen["values"]) == 3 + r
+    assert len(_losses(tmp_path / "run")) == 3
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_matches_single_process_and_resumes(tmp_path, stage):
+    """LoRA (PEFT) on the continuation task (the reward: the same model, adapters off) on 2
+    processes: 2 steps, checkpoint, resume, 2 more steps; the loss curve is the
+    single-process LoRA run's; only adapter weights train; the merged export loads."""
+    from fastgfn.config import load_config
+    from fastgfn.train import Trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The sky is blue.\nA cat sat on the mat.\n")
+    args = ARGS + [
+        "lora=true",
+        "task=continuation",
+        f"data_path={prompts}",
+        "termination=.",
+        "max_new_tokens=4",
+        "lr=1e-2",
+    ]
+    ref = tmp_path / "single"
+    tr = Trainer(load_config(None, args + ["steps=4", f"output_dir={ref}"]))
+    assert all("lora_" in k for k, p in tr.engine.module.named_parameters() if p.requires_grad)
+    tr.run()
+    out = tmp_path / "run"
+    _launch(_ds(stage), out, ["steps=4", "stop_after_steps=2", "save_every=2"], args=args)
+    _launch(
+        _ds(stage), out, ["steps=4", "resume=true", f"export_dir={tmp_path / 'hf'}"], args=args
+    )
+    _close(_losses(out), _losses(ref))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert not any("lora" in k for k in model.state_dict())

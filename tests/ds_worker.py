@@ -1,0 +1,128 @@
+"""A script that tests/test_deepspeed.py runs under the DeepSpeed launcher
+(`deepspeed --num_gpus K tests/ds_worker.py MODE OUT --deepspeed_config ... key=value ...`) to
+look inside a multi-process run. Each rank writes what it saw to ``OUT/MODE_rank{r}.json``
+(and tensors to ``OUT/*.safetensors``); the test process makes the assertions.
+
+MODE
+  reward  ZeRO-3 + continuation: how the frozen reward model is partitioned, its log-rewards
+          (rank-dependent rows of different lengths) against an unsharded copy of the initial
+          weights, before and after a short training run.
+  resume  a run with resume=true: the state right after the checkpoint is loaded (full
+          parameters, step, log Z, replay buffer, RNG states), then the run goes on.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fastgfn.train import Trainer, build_config, parse_args  # noqa: E402
+
+
+def _write(out: Path, name: str, obj) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(obj))
+
+
+def reward(tr: Trainer, out: Path) -> None:
+    import copy
+
+    from fastgfn.models import build_tiny
+
+    task, r = tr.task, tr.rank
+    ref_model, _ = build_tiny(tr.cfg)  # the initial weights, whole, never trained
+    ref_model.eval()
+    # different rows and lengths on each rank: ZeRO-3 gathers must still pair up
+    rows = [[5 + r, 6, 7, 8 + r][: 1 + (i + r) % 4] for i in range(3 + r)]
+    T = max(len(x) for x in rows)
+
+    ref_task = copy.copy(task)  # the same task scored by the unsharded copy
+    ref_task.reward_model = ref_model
+
+    def compare():
+        got = task.log_rewards(0, rows, T)
+        want = ref_task.log_rewards(0, rows, T)
+        return float((got - want).abs().max()), got.tolist()
+
+    params = list(task.reward_model.parameters())
+    shard = [
+        {
+            "ds_numel": int(getattr(p, "ds_numel", -1)),
+            "local": int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else -1,
+            "numel": int(p.numel()),
+        }
+        for p in params
+    ]
+    with tr.engine.full_parameters() as m:
+        before = {k: v.detach().clone() for k, v in m.named_parameters()}
+    err0, vals = compare()
+    tr.run()
+    err1, _ = compare()
+    with tr.engine.full_parameters() as m:
+        moved = any(not torch.equal(before[k], v) for k, v in m.named_parameters())
+    _write(
+        out,
+        f"reward_rank{r}.json",
+        {
+            "world": tr.world,
+            "shard": shard,
+            "err_before": err0,
+            "err_after": err1,
+            "values": vals,
+            "policy_changed": moved,
+            "reward_is_policy": task.reward_model is tr.engine.module,
+        },
+    )
+
+
+def resume(tr: Trainer, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    loaded = tr.maybe_resume
+
+    def hooked():
+        ok = loaded()
+        with tr.engine.full_parameters() as m:
+            state = {k: v.detach().float().clone().contiguous() for k, v in m.named_parameters()}
+        if tr.rank == 0:
+            save_file(state, str(out / "resumed_params.safetensors"))
+        save_file(
+            {"generator": tr.generator.get_state(),
+             "py_rng": torch.tensor(tr.py_rng.getstate()[1], dtype=torch.int64)},
+            str(out / f"resumed_rng_rank{tr.rank}.safetensors"),
+        )
+        _write(
+            out,
+            f"resume_rank{tr.rank}.json",
+            {
+                "resumed": ok,
+                "world": tr.world,
+                "step": tr.step,
+                "log_z": float(tr.engine.log_z.param.detach()),
+                "log_z_state": {
+                    k: v for k, v in tr.engine.log_z.state_dict().items() if k == "value"
+                },
+                "buffer": tr.buffer.state_dict(),
+                "lr": tr.engine.lr(),
+            },
+        )
+        return ok
+
+    tr.maybe_resume = hooked
+    tr.run()
+
+
+def main() -> None:
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's
+    mode, out = argv[0], Path(argv[1])
+    args = parse_args(argv[2:])
+    tr = Trainer(build_config(args))
+    out.mkdir(parents=True, exist_ok=True)
+    {"reward": reward, "resume": resume}[mode](tr, out)
+
+
+if __name__ == "__main__":
+    main()
