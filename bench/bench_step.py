@@ -146,13 +146,23 @@ def paper_step(policy, reward_model, opt, prompt, B, T, term, gen):
     return float(loss)
 
 
-def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=None):
+def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=None, phases=None):
+    """One fastgfn step; ``phases`` (a dict of lists), when given, receives each phase's
+    seconds (clock reads only, no synchronisation added)."""
     import fastgfn
     from fastgfn.sampler import sample
     from fastgfn.scoring import frozen_prefix_logrewards, gfn_logprobs
 
+    clock = [time.perf_counter()]
+
+    def lap(name):
+        clock.append(time.perf_counter())
+        if phases is not None:
+            phases.setdefault(name, []).append(clock[-1] - clock[-2])
+
     policy.eval()
     behaviour = policy if replica is None else replica.sync(policy)  # sync is timed too
+    lap("sync")
     r = sample(
         behaviour,
         prompt,
@@ -163,12 +173,17 @@ def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=Non
         generator=gen,
     )
     policy.train()
+    lap("sample")
     log_r = frozen_prefix_logrewards(reward_model, prompt, r.tokens, term)
+    lap("reward")
     log_pf, log_pterm = gfn_logprobs(policy, prompt, r.tokens, term)
     loss = fastgfn.subtb_loss(log_pf, log_pterm, log_r, r.lengths)
+    lap("forward")
     loss.backward()
+    lap("backward")
     opt.step()
     opt.zero_grad(set_to_none=True)
+    lap("adamw")
     return float(loss)
 
 
@@ -201,7 +216,8 @@ def worker(method: str, args) -> dict:
             )
 
         def step(*a):
-            return fastgfn_step(*a, replica=replica)
+            return fastgfn_step(*a, replica=replica, phases=phases)
+    phases = {}
     gen = torch.Generator().manual_seed(0)
     trim()
     base = rss_bytes()
@@ -212,7 +228,11 @@ def worker(method: str, args) -> dict:
             step(policy, reward_model, opt, prompt, args.batch, args.tokens, term, gen)
             times.append(time.perf_counter() - t0)
     times = times[args.warmup :]
+    phase_medians = {
+        name: sorted(v[args.warmup :])[len(v[args.warmup :]) // 2] for name, v in phases.items()
+    }
     return {
+        "phase_s_median": phase_medians,
         "method": method,
         "step_s_median": sorted(times)[len(times) // 2],
         "step_s_all": times,
@@ -253,6 +273,9 @@ def main():
             f"peak step memory {res['peak_step_mb']:.0f} MB, peak RSS {res['peak_rss_mb']:.0f} MB",
             flush=True,
         )
+        if res["phase_s_median"]:
+            print("         phases (median s): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in res["phase_s_median"].items()), flush=True)
     p, f = results["paper"], results["fastgfn"]
     speed = p["step_s_median"] / f["step_s_median"]
     mem = f["peak_step_mb"] / max(1e-9, p["peak_step_mb"])
