@@ -44,6 +44,8 @@ class Config:
     task_high: int = 100
     invalid_log_reward: float = -20.0
     reward_model: str = "initial"  # continuation: "initial" (frozen copy of the initial policy)
+    illegal_token_bias: float = -50.0  # continuation: added to the reward LM's logits of
+    #   illegal tokens (special tokens, line breaks, other tokens containing the termination)
     reward_temperature: float = 1.0
     reward_temperature_end: float | None = None  # linear schedule to this value
     reward_temperature_steps: int = 0
@@ -237,6 +239,8 @@ def validate(cfg: Config) -> Config:
             f"explore_temp_low: must be <= explore_temp_high ({cfg.explore_temp_high}), "
             f"got {cfg.explore_temp_low}"
         )
+    if cfg.illegal_token_bias > 0:
+        raise ConfigError(f"illegal_token_bias: must be <= 0, got {cfg.illegal_token_bias}")
     if cfg.task_low > cfg.task_high:
         raise ConfigError(f"task_low: must be <= task_high ({cfg.task_high}), got {cfg.task_low}")
     if cfg.reward_temperature_end is not None and cfg.reward_temperature_end <= 0:

@@ -32,6 +32,8 @@ def test_yaml_and_overrides(tmp_path):
         ("task=continuation", "data_path"),
         ("deepspeed_config=/nonexistent.json", "deepspeed_config"),
         ("device=tpu", "device"),
+        ("attn_implementation=flash3", "attn_implementation"),
+        ("illegal_token_bias=1", "illegal_token_bias"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
