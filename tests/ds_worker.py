@@ -9,6 +9,9 @@ MODE
           weights, before and after a short training run.
   resume  a run with resume=true: the state right after the checkpoint is loaded (full
           parameters, step, log Z, replay buffer, RNG states), then the run goes on.
+  restart the configured run stopped after ``stop_after_steps`` steps with a checkpoint,
+          then a new trainer in the same processes resumes it to the end (one launch
+          instead of two).
 """
 
 import json
@@ -90,8 +93,10 @@ def resume(tr: Trainer, out: Path) -> None:
         if tr.rank == 0:
             save_file(state, str(out / "resumed_params.safetensors"))
         save_file(
-            {"generator": tr.generator.get_state(),
-             "py_rng": torch.tensor(tr.py_rng.getstate()[1], dtype=torch.int64)},
+            {
+                "generator": tr.generator.get_state(),
+                "py_rng": torch.tensor(tr.py_rng.getstate()[1], dtype=torch.int64),
+            },
             str(out / f"resumed_rng_rank{tr.rank}.safetensors"),
         )
         _write(
@@ -115,13 +120,25 @@ def resume(tr: Trainer, out: Path) -> None:
     tr.run()
 
 
+def restart(tr: Trainer, out: Path) -> None:
+    import dataclasses
+
+    if not (tr.cfg.stop_after_steps and tr.cfg.save_every):
+        raise ValueError("restart: needs stop_after_steps and save_every")
+    tr.run()
+    again = Trainer(dataclasses.replace(tr.cfg, resume=True, stop_after_steps=0))
+    _write(out, f"restart_rank{tr.rank}.json", {"resumed": again.maybe_resume()})
+    again.cfg.resume = False  # resumed just now
+    again.run()
+
+
 def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's
     mode, out = argv[0], Path(argv[1])
     args = parse_args(argv[2:])
     tr = Trainer(build_config(args))
     out.mkdir(parents=True, exist_ok=True)
-    {"reward": reward, "resume": resume}[mode](tr, out)
+    {"reward": reward, "resume": resume, "restart": restart}[mode](tr, out)
 
 
 if __name__ == "__main__":
