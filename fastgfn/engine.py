@@ -407,9 +407,21 @@ def load_ds_config(cfg) -> dict:
 
 
 def init_distributed() -> None:
-    """Join the process group the DeepSpeed launcher set up (gloo on CPU, nccl on GPUs)."""
+    """Join the process group the DeepSpeed launcher set up (gloo on CPU, nccl on GPUs). A
+    process started without a launcher (``python -m fastgfn.train --deepspeed_config ...``)
+    becomes a group of one instead of DeepSpeed's MPI discovery (which needs mpi4py)."""
     import deepspeed
 
+    launched = any(k in os.environ for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+    if not launched:
+        import socket
+
+        with socket.socket() as sock:  # a free port for the one-process rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
 
