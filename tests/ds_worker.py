@@ -32,6 +32,7 @@ def _write(out: Path, name: str, obj) -> None:
 
 def reward(tr: Trainer, out: Path) -> None:
     import copy
+    import dataclasses
 
     from fastgfn.models import build_tiny
 
@@ -59,6 +60,23 @@ def reward(tr: Trainer, out: Path) -> None:
         }
         for p in params
     ]
+    # A model loaded from a directory takes the other branch: loaded a second time, built
+    # partitioned (zero.Init through HfDeepSpeedConfig), then the inference engine.
+    hf_dir = out / "tiny_hf"
+    if r == 0:
+        ref_model.save_pretrained(hf_dir, safe_serialization=True)
+    torch.distributed.barrier()
+    loaded = copy.copy(tr)
+    loaded.cfg = dataclasses.replace(tr.cfg, model=str(hf_dir))
+    loaded_task = copy.copy(task)
+    loaded_task.reward_model = loaded._frozen_reward_model(None, tr.engine.ds_config)
+    loaded_shard = [
+        [int(p.ds_numel), int(p.ds_tensor.numel()), int(p.numel())]
+        for p in loaded_task.reward_model.parameters()
+    ]
+    got = loaded_task.log_rewards(0, rows, T)
+    err_loaded = float((got - ref_task.log_rewards(0, rows, T)).abs().max())
+
     with tr.engine.full_parameters() as m:
         before = {k: v.detach().clone() for k, v in m.named_parameters()}
     err0, vals = compare()
@@ -74,6 +92,8 @@ def reward(tr: Trainer, out: Path) -> None:
             "shard": shard,
             "err_before": err0,
             "err_after": err1,
+            "loaded_shard": loaded_shard,
+            "err_loaded": err_loaded,
             "values": vals,
             "policy_changed": moved,
             "reward_is_policy": task.reward_model is tr.engine.module,

@@ -239,8 +239,9 @@ def test_frozen_reward_lm_is_zero3_partitioned(tmp_path):
     """Continuation task under ZeRO-3 on 2 processes: every parameter of the frozen reward LM
     is partitioned (each rank holds half, nothing gathered at rest), its log-rewards (rows of
     different lengths on each rank) equal those of an unsharded copy of the initial weights
-    to 1e-5 before and after training, and the ranks sample different data with replay
-    without a collective mismatch."""
+    to 1e-5 before and after training (also for a model loaded from a directory, which is
+    built partitioned), and the ranks sample different data with replay without a collective
+    mismatch."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The sky is blue.\nA cat sat on the mat.\n")
     look = tmp_path / "look"
@@ -262,6 +263,11 @@ def test_frozen_reward_lm_is_zero3_partitioned(tmp_path):
             assert p["ds_numel"] > 0 and p["numel"] == 0, p
             assert p["local"] == -(-p["ds_numel"] // 2), p
         assert seen["err_before"] <= 1e-5 and seen["err_after"] <= 1e-5, seen
+        # the same from a model directory (loaded again, built partitioned)
+        assert len(seen["loaded_shard"]) == len(seen["shard"])
+        for total, local, numel in seen["loaded_shard"]:
+            assert total > 0 and numel == 0 and local == -(-total // 2)
+        assert seen["err_loaded"] <= 1e-5, seen
         assert len(seen["values"]) == 3 + r
     assert len(_losses(tmp_path / "run")) == 3
 
