@@ -306,3 +306,33 @@ def test_lora_matches_single_process_and_resumes(tmp_path, stage):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert not any("lora" in k for k in model.state_dict())
+
+
+def test_new_rank_gets_its_own_sampling_stream(tmp_path):
+    """A rank the saving run did not have (resume on more processes) starts from rank 0's RNG
+    state only when every rank samples the same data; otherwise it gets its own stream,
+    deterministic in (seed, rank, step). One process, playing rank 1 of 2."""
+    from fastgfn.config import load_config
+    from fastgfn.train import Trainer
+
+    out = tmp_path / "run"
+    cfg = ARGS + ["steps=4", "stop_after_steps=2", "save_every=2", f"output_dir={out}"]
+    Trainer(load_config(None, cfg)).run()
+
+    def resumed(same: bool):
+        over = ["resume=true", f"same_data_all_ranks={same}"]
+        tr = Trainer(load_config(None, cfg + over))
+        tr.rank, tr.world = 1, 2
+        assert tr.maybe_resume() and tr.step == 2
+        return tr.generator.get_state(), tr.py_rng.random()
+
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "step_00000002" / "rng_rank0.safetensors"))
+    gen_same, _ = resumed(True)
+    assert torch.equal(gen_same, saved["generator"])
+    gen_own, draw = resumed(False)
+    assert not torch.equal(gen_own, saved["generator"])
+    again, draw_again = resumed(False)
+    assert torch.equal(gen_own, again) and draw == draw_again
