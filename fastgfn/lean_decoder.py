@@ -107,13 +107,21 @@ class LeanDecoder:
         self.intermediate = config.intermediate_size
         self.eps = float(config.rms_norm_eps)
         self.rotary = copy.deepcopy(model.get_decoder().rotary_emb).float()
+        self._staging = torch.empty(0, dtype=dtype)
         self.load(model)
 
     # weights --------------------------------------------------------------------------------
     def _pack(self, *weights: torch.Tensor) -> torch.Tensor:
-        """One prepacked matrix of the row-stacked ``weights`` (cast before stacking)."""
-        parts = [w.detach().to(self.dtype) for w in weights]
-        stacked = parts[0] if len(parts) == 1 else torch.cat(parts)
+        """One prepacked matrix of the row-stacked ``weights``: each is cast straight into its
+        rows of a reused staging buffer, which oneDNN then copies into its own layout."""
+        rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+        if self._staging.numel() < rows * cols:
+            self._staging = torch.empty(rows * cols, dtype=self.dtype)
+        stacked = self._staging[: rows * cols].view(rows, cols)
+        start = 0
+        for w in weights:
+            stacked[start:start + w.shape[0]].copy_(w.detach())
+            start += w.shape[0]
         return torch.ops.mkldnn._reorder_linear_weight(stacked, self.batch_hint)
 
     def _vec(self, t: torch.Tensor | None) -> torch.Tensor | None:
