@@ -11,7 +11,7 @@ MODE
           parameters, step, log Z, replay buffer, RNG states), then the run goes on.
   restart the configured run stopped after ``stop_after_steps`` steps with a checkpoint,
           then a new trainer in the same processes resumes it to the end (one launch
-          instead of two).
+          instead of two), once per config of ``--deepspeed_config A.json,B.json``.
 """
 
 import json
@@ -140,25 +140,42 @@ def resume(tr: Trainer, out: Path) -> None:
     tr.run()
 
 
-def restart(tr: Trainer, out: Path) -> None:
+def restart(cfg, out: Path, ds_configs: list[str]) -> None:
+    """For each DeepSpeed config in turn (in the same processes): the run stopped after
+    ``stop_after_steps`` with a checkpoint, then a new trainer resumes it to the end.
+    ``output_dir`` and ``export_dir`` get the config's file stem appended."""
     import dataclasses
 
-    if not (tr.cfg.stop_after_steps and tr.cfg.save_every):
+    if not (cfg.stop_after_steps and cfg.save_every):
         raise ValueError("restart: needs stop_after_steps and save_every")
-    tr.run()
-    again = Trainer(dataclasses.replace(tr.cfg, resume=True, stop_after_steps=0))
-    _write(out, f"restart_rank{tr.rank}.json", {"resumed": again.maybe_resume()})
-    again.cfg.resume = False  # resumed just now
-    again.run()
+    for ds in ds_configs:
+        stem = Path(ds).stem
+        run = dataclasses.replace(
+            cfg,
+            deepspeed_config=ds,
+            output_dir=str(Path(cfg.output_dir) / stem),
+            export_dir=str(Path(cfg.export_dir) / stem) if cfg.export_dir else None,
+        )
+        tr = Trainer(run)
+        tr.run()
+        again = Trainer(dataclasses.replace(run, resume=True, stop_after_steps=0))
+        _write(out, f"restart_{stem}_rank{tr.rank}.json", {"resumed": again.maybe_resume()})
+        again.cfg.resume = False  # resumed just now
+        again.run()
 
 
 def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's
     mode, out = argv[0], Path(argv[1])
     args = parse_args(argv[2:])
-    tr = Trainer(build_config(args))
     out.mkdir(parents=True, exist_ok=True)
-    {"reward": reward, "resume": resume, "restart": restart}[mode](tr, out)
+    if mode == "restart":  # --deepspeed_config A.json[,B.json,...]: one run per config
+        ds_configs = args.deepspeed_config.split(",")
+        args.deepspeed_config = ds_configs[0]
+        restart(build_config(args), out, ds_configs)
+        return
+    tr = Trainer(build_config(args))
+    {"reward": reward, "resume": resume}[mode](tr, out)
 
 
 if __name__ == "__main__":

@@ -272,11 +272,11 @@ def test_frozen_reward_lm_is_zero3_partitioned(tmp_path):
     assert len(_losses(tmp_path / "run")) == 3
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_lora_matches_single_process_and_resumes(tmp_path, stage):
+def test_lora_matches_single_process_and_resumes(tmp_path):
     """LoRA (PEFT) on the continuation task (the reward: the same model, adapters off) on 2
-    processes: 2 steps, checkpoint, a new trainer resumes, 2 more steps; the loss curve is
-    the single-process LoRA run's; only adapter weights train; the merged export loads."""
+    processes, ZeRO-2 then ZeRO-3 (one launch): 2 steps, checkpoint, a new trainer resumes,
+    2 more steps; the loss curve is the single-process LoRA run's; only adapter weights
+    train; the merged export loads."""
     from fastgfn.config import load_config
     from fastgfn.train import Trainer
 
@@ -295,17 +295,20 @@ def test_lora_matches_single_process_and_resumes(tmp_path, stage):
     tr = Trainer(load_config(None, args + [f"output_dir={ref}"]))
     assert all("lora_" in k for k, p in tr.engine.module.named_parameters() if p.requires_grad)
     tr.run()
-    out, look = tmp_path / "run", tmp_path / "look"
-    extra = ["stop_after_steps=2", "save_every=2", f"export_dir={tmp_path / 'hf'}"]
-    _launch(_ds(stage), out, extra, args=args, worker=("restart", look))
-    assert json.loads((look / "restart_rank1.json").read_text())["resumed"]
-    losses = _losses(out)
-    assert len(losses) == 4
-    _close(losses, _losses(ref))
+    out, look, hf = tmp_path / "run", tmp_path / "look", tmp_path / "hf"
+    extra = ["stop_after_steps=2", "save_every=2", f"export_dir={hf}"]
+    both = f"{_ds(2)},{_ds(3)}"
+    _launch(both, out, extra, args=args, worker=("restart", look))
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert not any("lora" in k for k in model.state_dict())
+    for stage in (2, 3):
+        name = f"ds_zero{stage}"
+        assert json.loads((look / f"restart_{name}_rank1.json").read_text())["resumed"]
+        losses = _losses(out / name)
+        assert len(losses) == 4
+        _close(losses, _losses(ref))
+        model = AutoModelForCausalLM.from_pretrained(hf / name)
+        assert not any("lora" in k for k in model.state_dict())
 
 
 def test_new_rank_gets_its_own_sampling_stream(tmp_path):
