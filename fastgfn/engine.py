@@ -355,7 +355,7 @@ def ensure_universal_checkpoint(directory: Path) -> Path:
     load. Rank 0 converts (into a temporary folder renamed into place); all ranks wait."""
     directory = Path(directory)
     out = directory / "universal"
-    error = torch.zeros(1)
+    error, reason = torch.zeros(1), ""
     if rank() == 0 and not out.is_dir():
         import argparse
         import shutil
