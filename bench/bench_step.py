@@ -212,7 +212,7 @@ def worker(method: str, args) -> dict:
         if args.sample_dtype != "model":
             replica = SamplingReplica(
                 policy, getattr(torch, args.sample_dtype), compile=args.compile_sampler,
-                batch_hint=args.batch,
+                batch_hint=args.batch, max_new_tokens=args.tokens,
             )
 
         def step(*a):

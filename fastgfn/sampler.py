@@ -100,6 +100,9 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     return draw.squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+PACK_MIN_NEW_TOKENS = 12  # shortest rollout for which a packed replica is chosen by default
+
+
 class SamplingReplica:
     """A lower-precision copy of a policy used only to sample (e.g. bf16 on a CPU with
     AVX512-BF16, where decoding reads half the bytes per token).
@@ -114,20 +117,22 @@ class SamplingReplica:
     the project's 2-core CPU went from 2.09 s to 1.40 s per 30-token rollout, after a one-time
     compilation of about 5 minutes — worth it for long runs only.
 
-    ``lean=True`` (the default where supported: a Llama-family model, bf16, a CPU with oneDNN
-    bf16, not compiled) holds no transformers copy at all but a ``fastgfn.lean_decoder``
+    ``lean=True`` holds no transformers copy at all but a ``fastgfn.lean_decoder``
     ``LeanDecoder`` (prepacked weights and a decode loop with a fraction of transformers'
-    per-token overhead); ``sync`` returns it and ``sample`` accepts it as the model.
-
-    Otherwise ``pack=True`` (the default where supported: a bf16 replica on a CPU with oneDNN
-    bf16, not compiled) keeps every linear layer's weight prepacked for oneDNN at
+    per-token overhead); ``sync`` returns it and ``sample`` accepts it as the model. Otherwise
+    ``pack=True`` keeps a transformers copy whose linear weights are prepacked for oneDNN at
     ``batch_hint`` rows (``fastgfn.packed_linear``): bit-identical logits, a rollout about
-    1.3x faster, and no second dense copy of those weights; each ``sync`` then re-packs them
-    (about 0.1 s for SmolLM2-135M).
+    1.3x faster, and no second dense copy of those weights.
+
+    Both are chosen by default where they apply (bf16, a CPU with oneDNN bf16, not compiled;
+    lean: a Llama-family model) and, when ``max_new_tokens`` is given, only for rollouts of at
+    least ``PACK_MIN_NEW_TOKENS`` tokens: each ``sync`` re-lays out every weight (about 0.1 s
+    for SmolLM2-135M), which short rollouts do not repay.
     """
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, compile: bool = False,
-                 pack: bool | None = None, batch_hint: int = 16, lean: bool | None = None):
+                 pack: bool | None = None, batch_hint: int = 16, lean: bool | None = None,
+                 max_new_tokens: int | None = None):
         from fastgfn.lean_decoder import LeanDecoder, lean_decoder_unsupported
         from fastgfn.packed_linear import pack_linear_layers, packing_supported
 
@@ -139,12 +144,20 @@ class SamplingReplica:
                 "pack: packed linear layers need a bf16 replica on a CPU with oneDNN bf16 "
                 f"support and compile=False (dtype={dtype}, compile={compile})"
             )
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        # Packing costs a re-layout of every weight per sync and saves time on every decoded
+        # token: by default only rollouts long enough to repay it are packed.
+        worth_packing = max_new_tokens is None or max_new_tokens >= PACK_MIN_NEW_TOKENS
         why_not_lean = lean_decoder_unsupported(model) if can_pack and pack is not False \
             else "it needs packed bf16 weights (pack=True on a CPU with oneDNN bf16)"
         if lean and why_not_lean is not None:
             raise ValueError(f"lean: cannot use the lean decoder: {why_not_lean}")
-        self.lean = why_not_lean is None if lean is None else bool(lean)
-        self.packed = self.lean or (can_pack if pack is None else bool(pack))
+        if lean is None:
+            self.lean = why_not_lean is None and (pack is True or worth_packing)
+        else:
+            self.lean = bool(lean)
+        self.packed = self.lean or (can_pack and worth_packing if pack is None else bool(pack))
         if self.lean:  # no transformers copy at all: the decoder holds its own weights
             self.model = LeanDecoder(model, dtype, batch_hint)
             return

@@ -185,7 +185,7 @@ class Trainer:
             replica_dtype = getattr(torch, sample_dtype)
             self.sampling_replica = SamplingReplica(
                 self.engine.module, replica_dtype, compile=cfg.compile_sampler,
-                batch_hint=cfg.batch_size,
+                batch_hint=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
             )
         elif cfg.compile_sampler:
             raise ValueError(

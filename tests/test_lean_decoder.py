@@ -169,3 +169,19 @@ def _tiny_mistral_sliding():
     return transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, sliding_window=16))
+
+
+def test_replica_packs_only_rollouts_long_enough_to_repay_it():
+    from fastgfn.sampler import PACK_MIN_NEW_TOKENS
+
+    model = _tiny("llama")
+    short = SamplingReplica(model, torch.bfloat16, max_new_tokens=PACK_MIN_NEW_TOKENS - 1)
+    assert not short.lean and not short.packed
+    long = SamplingReplica(model, torch.bfloat16, max_new_tokens=PACK_MIN_NEW_TOKENS)
+    assert long.lean is packing_supported(torch.bfloat16)
+    if packing_supported(torch.bfloat16):  # asked for explicitly: packed whatever the length
+        assert SamplingReplica(model, torch.bfloat16, pack=True, max_new_tokens=2).lean
+        assert SamplingReplica(model, torch.bfloat16, lean=False, pack=True,
+                               max_new_tokens=2).packed
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingReplica(model, torch.bfloat16, max_new_tokens=0)
