@@ -324,6 +324,13 @@ class DeepSpeedEngine:
             yield self.module
 
 
+def _comm_device() -> torch.device:
+    """Where a tensor for a collective lives: nccl reduces CUDA tensors only."""
+    if _dist() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 ENGINE_META = "engine.json"
 
 
@@ -355,7 +362,7 @@ def ensure_universal_checkpoint(directory: Path) -> Path:
     load. Rank 0 converts (into a temporary folder renamed into place); all ranks wait."""
     directory = Path(directory)
     out = directory / "universal"
-    error, reason = torch.zeros(1), ""
+    error, reason = torch.zeros(1, device=_comm_device()), ""
     if rank() == 0 and not out.is_dir():
         import argparse
         import shutil

@@ -563,7 +563,8 @@ class Trainer:
 
     def _signal_flag(self):
         flag = torch.tensor(0 if self._stop_signal is None else int(self._stop_signal))
-        if self.world > 1:
+        if self.world > 1:  # on the engine's device: nccl reduces CUDA tensors only
+            flag = flag.to(self.engine.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag) or None
 
