@@ -136,12 +136,16 @@ def test_lean_replica_samples_the_policy_distribution():
     assert (freq - torch.softmax(z, -1)).abs().max() < 0.03
 
 
-def test_lean_decoder_refuses_what_it_does_not_implement():
+def _tiny_gemma():
     import transformers
 
-    gemma = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
+    return transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+
+
+def test_lean_decoder_refuses_what_it_does_not_implement():
+    gemma = _tiny_gemma()
     assert "model type" in lean_decoder_unsupported(gemma)
     with pytest.raises(ValueError, match="unsupported model"):
         LeanDecoder(gemma, torch.bfloat16)
@@ -172,16 +176,18 @@ def _tiny_mistral_sliding():
 
 
 def test_replica_packs_only_rollouts_long_enough_to_repay_it():
+    """The lean decoder is always chosen where it applies; prepacked transformers layers only
+    for rollouts of at least PACK_MIN_NEW_TOKENS tokens (unless asked for)."""
     from fastgfn.sampler import PACK_MIN_NEW_TOKENS
 
-    model = _tiny("llama")
-    short = SamplingReplica(model, torch.bfloat16, max_new_tokens=PACK_MIN_NEW_TOKENS - 1)
-    assert not short.lean and not short.packed
-    long = SamplingReplica(model, torch.bfloat16, max_new_tokens=PACK_MIN_NEW_TOKENS)
-    assert long.lean is packing_supported(torch.bfloat16)
+    llama, gemma = _tiny("llama"), _tiny_gemma()
+    short = PACK_MIN_NEW_TOKENS - 1
+    assert SamplingReplica(llama, torch.bfloat16, max_new_tokens=2).lean \
+        is packing_supported(torch.bfloat16)
+    assert not SamplingReplica(gemma, torch.bfloat16, max_new_tokens=short).packed
+    long = SamplingReplica(gemma, torch.bfloat16, max_new_tokens=PACK_MIN_NEW_TOKENS)
+    assert long.packed is packing_supported(torch.bfloat16) and not long.lean
     if packing_supported(torch.bfloat16):  # asked for explicitly: packed whatever the length
-        assert SamplingReplica(model, torch.bfloat16, pack=True, max_new_tokens=2).lean
-        assert SamplingReplica(model, torch.bfloat16, lean=False, pack=True,
-                               max_new_tokens=2).packed
+        assert SamplingReplica(gemma, torch.bfloat16, pack=True, max_new_tokens=2).packed
     with pytest.raises(ValueError, match="max_new_tokens"):
-        SamplingReplica(model, torch.bfloat16, max_new_tokens=0)
+        SamplingReplica(llama, torch.bfloat16, max_new_tokens=0)
