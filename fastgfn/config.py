@@ -44,6 +44,7 @@ class Config:
     task_high: int = 100
     invalid_log_reward: float = -20.0
     reward_model: str = "initial"  # continuation: "initial" (frozen copy of the initial policy)
+    #   or another causal LM with the policy's vocabulary (hub name, directory or .gguf file)
     illegal_token_bias: float = -50.0  # continuation: added to the reward LM's logits of
     #   illegal tokens (special tokens, line breaks, other tokens containing the termination)
     reward_temperature: float = 1.0
@@ -115,7 +116,6 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "sample_dtype": ("auto", "model", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "reward_model": ("initial",),
     "lr_schedule": ("constant", "cosine"),
 }
 _POSITIVE = (
@@ -251,6 +251,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("termination: must name a token (for example ',' or 'eos')")
     if cfg.task == "continuation" and not cfg.data_path:
         raise ConfigError("data_path: the continuation task needs a prompts file")
+    if not isinstance(cfg.reward_model, str) or not cfg.reward_model:
+        raise ConfigError(
+            f"reward_model: must be 'initial' or a model name, directory or .gguf file, got "
+            f"{cfg.reward_model!r}"
+        )
+    if cfg.reward_model != "initial" and cfg.task != "continuation":
+        raise ConfigError(
+            f"reward_model: only the continuation task scores with a reward LM (task={cfg.task})"
+        )
     if cfg.attn_implementation == "flash_attention_2":
         from fastgfn.models import resolve_attn_implementation
 

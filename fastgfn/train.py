@@ -160,7 +160,8 @@ class Trainer:
         task_kwargs = {}
         self.reward_engine = None
         if cfg.task == "continuation":
-            if cfg.lora:  # the frozen reward is the same model with its adapters disabled
+            if cfg.lora and cfg.reward_model == "initial":
+                # the frozen reward is the same model with its adapters disabled
                 task_kwargs = {"reward_model": model, "adapters_off": True}
             else:  # a frozen copy of the initial policy
                 task_kwargs = {"reward_model": self._frozen_reward_model(model, ds_config)}
@@ -206,27 +207,50 @@ class Trainer:
         self._stop_signal = None
 
     def _frozen_reward_model(self, model, ds_config):
-        """The frozen reward LM: a separate copy of the initial policy. Under ZeRO-3 it is
-        partitioned like the policy (each rank holds 1/world of its weights) and runs through
-        an optimizer-less DeepSpeed engine that gathers each layer for its forward; otherwise
-        it is a plain replica on every rank."""
+        """The frozen reward LM: a separate copy of the initial policy (``reward_model:
+        initial``) or another model with the policy's vocabulary (``reward_model: <name, dir or
+        .gguf>``, loaded in the policy's dtype, never with LoRA). Under ZeRO-3 it is partitioned
+        like the policy (each rank holds 1/world of its weights) and runs through an
+        optimizer-less DeepSpeed engine that gathers each layer for its forward; otherwise it is
+        a plain replica on every rank."""
         import copy
+        import dataclasses
 
         from fastgfn.engine import frozen_zero3_module, zero3_init_context
+        from fastgfn.models import load_model
 
         stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+        other = self.cfg.reward_model != "initial"
+        load_cfg = self.cfg
+        if other:
+            load_cfg = dataclasses.replace(self.cfg, model=self.cfg.reward_model, gguf_file=None,
+                                           lora=False)
         if stage != 3:
-            return copy.deepcopy(model).eval().requires_grad_(False)
-        if self.cfg.model == "tiny":  # built whole (see above): copy it before DeepSpeed does
+            if other:
+                reward, _ = load_model(load_cfg, tokenizer=False)
+            else:
+                reward = copy.deepcopy(model)
+            return self._check_reward_vocab(reward).eval().requires_grad_(False)
+        if self.cfg.model == "tiny" and not other:  # built whole: copy it before DeepSpeed does
             reward = copy.deepcopy(model)
-        else:  # the policy is already partitioned: load the initial weights again, partitioned
-            from fastgfn.models import load_model
-
+        else:  # the policy is already partitioned: load the reward weights, partitioned
             with zero3_init_context(ds_config):
-                reward, _ = load_model(self.cfg, tokenizer=False)
-        reward.eval().requires_grad_(False)
+                reward, _ = load_model(load_cfg, tokenizer=False)
+        self._check_reward_vocab(reward).eval().requires_grad_(False)
         self.reward_engine = frozen_zero3_module(reward, ds_config)
         return self.reward_engine.module
+
+    def _check_reward_vocab(self, reward):
+        """A reward LM scores the policy's token ids: its vocabulary must be the policy's."""
+        want = len(self.tokenizer) if self.tokenizer is not None else None
+        got = int(reward.config.vocab_size)
+        if want is not None and got < want:
+            raise ValueError(
+                f"reward_model: {self.cfg.reward_model!r} has a vocabulary of {got} tokens, "
+                f"fewer than the policy's tokenizer ({want}); the reward LM must share the "
+                "policy's tokenizer"
+            )
+        return reward
 
     # ------------------------------------------------------------------------------------
     def reward_temperature(self, step: int) -> float:

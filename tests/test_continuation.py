@@ -238,3 +238,36 @@ def test_training_learns_the_tempered_target(tmp_path):
     assert lr1 > lr0 + 2.0
     # the frozen reward LM did not move
     assert not torch.equal(policy.lm_head.weight, task.reward_model.lm_head.weight)
+
+
+def test_reward_model_can_be_another_model(tmp_path):
+    """reward_model=<directory>: the frozen reward LM is that model, not the policy's copy; a
+    model whose vocabulary is smaller than the tokenizer's is refused."""
+    from fastgfn.train import Trainer
+
+    other, _ = build_tiny(load_config(None, ["model=tiny", "tiny_hidden=32", "tiny_layers=1"]),
+                          seed=11)
+    other.save_pretrained(tmp_path / "other")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ab\n")
+    base = ["model=tiny", "tiny_hidden=32", "tiny_layers=1", "task=continuation",
+            f"data_path={prompts}", "termination=.", "batch_size=2", "max_new_tokens=2",
+            "steps=1", "progress=false", "tensorboard=false", "eval_samples=0",
+            "sample_dtype=model", f"output_dir={tmp_path / 'o'}"]
+    tr = Trainer(load_config(None, base + [f"reward_model={tmp_path / 'other'}"]))
+    frozen = tr.task.reward_model
+    assert frozen is not tr.engine.module
+    assert not any(p.requires_grad for p in frozen.parameters())
+    for got, want in zip(frozen.state_dict().values(), other.state_dict().values()):
+        torch.testing.assert_close(got, want)  # the other model's weights, loaded
+    policy_w = tr.engine.module.get_input_embeddings().weight
+    assert not torch.allclose(frozen.get_input_embeddings().weight, policy_w)
+    tr.run()  # trains against it
+
+    small = copy.deepcopy(other)
+    small.resize_token_embeddings(8)
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="reward_model"):
+        Trainer(load_config(None, base + [f"reward_model={tmp_path / 'small'}"]))
+    with pytest.raises(ValueError, match="reward_model"):
+        load_config(None, ["reward_model=some/model"])  # random_number has no reward LM
