@@ -37,7 +37,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fastgfn.packed_linear import packing_supported
+from fastgfn.packed_linear import pack_weight, packed_matmul, packing_supported
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -98,7 +98,6 @@ class LeanDecoder:
         if batch_hint < 1:
             raise ValueError(f"batch_hint must be >= 1, got {batch_hint}")
         config = model.config
-        self.config = config
         self.dtype = dtype
         self.batch_hint = batch_hint
         self.n_heads = config.num_attention_heads
@@ -122,10 +121,10 @@ class LeanDecoder:
         for w in weights:
             stacked[start:start + w.shape[0]].copy_(w.detach())
             start += w.shape[0]
-        return torch.ops.mkldnn._reorder_linear_weight(stacked, self.batch_hint)
+        return pack_weight(stacked, self.dtype, self.batch_hint)
 
     def _vec(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.detach().to(self.dtype).clone()
+        return None if t is None else t.detach().to(self.dtype, copy=True)
 
     @torch.no_grad()
     def load(self, model) -> LeanDecoder:
@@ -155,9 +154,6 @@ class LeanDecoder:
         return self
 
     # maths ----------------------------------------------------------------------------------
-    def _linear(self, x, weight, bias=None):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
     def _rms_norm(self, x, weight):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -182,7 +178,7 @@ class LeanDecoder:
         x = self.embed[tokens]  # [R, S, H]
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w["norm_in"])
-            qkv = self._linear(h, w["qkv"], w["qkv_bias"])
+            qkv = packed_matmul(h, w["qkv"], w["qkv_bias"])
             qk = qkv[..., : (Hq + Hk) * D].view(R, S, Hq + Hk, D)
             swapped = qk.view(R, S, Hq + Hk, 2, D // 2).flip(3).view(R, S, Hq + Hk, D)
             qk = qk * cos + swapped * sin
@@ -200,13 +196,13 @@ class LeanDecoder:
                 o = F.scaled_dot_product_attention(q, keys, values, is_causal=True,
                                                    enable_gqa=Hq != Hk)
                 o = o.transpose(1, 2).reshape(R, S, Hq * D)
-            x = x + self._linear(o, w["o"], w["o_bias"])
+            x = x + packed_matmul(o, w["o"], w["o_bias"])
             h = self._rms_norm(x, w["norm_post"])
-            gate_up = self._linear(h, w["gate_up"])
+            gate_up = packed_matmul(h, w["gate_up"])
             act = F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate:]
-            x = x + self._linear(act, w["down"])
+            x = x + packed_matmul(act, w["down"])
         h = self._rms_norm(x[:, -1], self.norm_final)
-        return self._linear(h, self.lm_head, self.lm_head_bias)
+        return packed_matmul(h, self.lm_head, self.lm_head_bias)
 
     @torch.no_grad()
     def start(self, prompt_ids: torch.Tensor, batch_size: int, max_new_tokens: int):

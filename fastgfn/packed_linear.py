@@ -33,17 +33,23 @@ def packing_supported(dtype: torch.dtype) -> bool:
     return bool(is_supported is not None and is_supported())
 
 
+def pack_weight(weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> torch.Tensor:
+    """``weight [out, in]`` cast to ``dtype`` and laid out by oneDNN for ``packed_matmul`` on
+    inputs of about ``batch_hint`` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), batch_hint)
+
+
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None):
+    """``x W^T (+ bias)`` for a weight from ``pack_weight``; exactly ``F.linear`` on it."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _packed_forward(self, x):
-    return torch.ops.mkldnn._linear_pointwise(x, getattr(self, _PACKED), self.bias, "none",
-                                              [], "")
+    return packed_matmul(x, getattr(self, _PACKED), self.bias)
 
 
 def _linear_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def _pack(weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), batch_hint)
 
 
 @torch.no_grad()
@@ -62,7 +68,7 @@ def pack_linear_layers(model: torch.nn.Module, batch_hint: int) -> list[str]:
         for p in m.parameters(recurse=False)
     }
     for _, module in layers:
-        setattr(module, _PACKED, _pack(module.weight, param.dtype, batch_hint))
+        setattr(module, _PACKED, pack_weight(module.weight, param.dtype, batch_hint))
         module._fastgfn_batch_hint = batch_hint
         module.forward = types.MethodType(_packed_forward, module)
         if id(module.weight) not in shared:
@@ -74,13 +80,13 @@ def pack_linear_layers(model: torch.nn.Module, batch_hint: int) -> list[str]:
 def repack_linear_layers(model: torch.nn.Module, source: torch.nn.Module) -> None:
     """Load the weights of ``source`` (same architecture, any dtype) into the packed model:
     packed layers are re-laid out, every other parameter (including shared ones) copied."""
-    packed = {}
+    packed = set()
     for name, module in _linear_layers(model):
         if hasattr(module, _PACKED):
             src = source.get_submodule(name)
-            setattr(module, _PACKED, _pack(src.weight, getattr(module, _PACKED).dtype,
-                                           module._fastgfn_batch_hint))
-            packed[id(module.weight)] = module.weight
+            setattr(module, _PACKED, pack_weight(src.weight, getattr(module, _PACKED).dtype,
+                                                 module._fastgfn_batch_hint))
+            packed.add(id(module.weight))
     for dst, src in zip(model.parameters(), source.parameters()):
         if dst.numel() == 0 and id(dst) in packed:
             continue  # lives only in its packed copy
