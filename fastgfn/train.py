@@ -213,6 +213,7 @@ class Trainer:
         like the policy (each rank holds 1/world of its weights) and runs through an
         optimizer-less DeepSpeed engine that gathers each layer for its forward; otherwise it is
         a plain replica on every rank."""
+        import contextlib
         import copy
         import dataclasses
 
@@ -221,22 +222,21 @@ class Trainer:
 
         stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
         other = self.cfg.reward_model != "initial"
-        load_cfg = self.cfg
-        if other:
-            load_cfg = dataclasses.replace(self.cfg, model=self.cfg.reward_model, gguf_file=None,
-                                           lora=False)
-        if stage != 3:
-            if other:
-                reward, _ = load_model(load_cfg, tokenizer=False)
-            else:
-                reward = copy.deepcopy(model)
-            return self._check_reward_vocab(reward).eval().requires_grad_(False)
-        if self.cfg.model == "tiny" and not other:  # built whole: copy it before DeepSpeed does
+        # A whole policy (any stage but 3, or the tiny test model, built whole) is copied; a
+        # ZeRO-3 policy is already partitioned, so the initial weights are loaded again.
+        if not other and (stage != 3 or self.cfg.model == "tiny"):
             reward = copy.deepcopy(model)
-        else:  # the policy is already partitioned: load the reward weights, partitioned
-            with zero3_init_context(ds_config):
+        else:
+            load_cfg = self.cfg
+            if other:
+                load_cfg = dataclasses.replace(self.cfg, model=self.cfg.reward_model,
+                                               gguf_file=None, lora=False)
+            partitioned = zero3_init_context(ds_config) if stage == 3 else contextlib.nullcontext()
+            with partitioned:
                 reward, _ = load_model(load_cfg, tokenizer=False)
         self._check_reward_vocab(reward).eval().requires_grad_(False)
+        if stage != 3:
+            return reward
         self.reward_engine = frozen_zero3_module(reward, ds_config)
         return self.reward_engine.module
 
