@@ -19,6 +19,7 @@ of another ZeRO stage is refused with a ``ValueError`` that says what to do inst
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -431,6 +432,24 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    """Tear the process group down while the interpreter is still whole. A process that
+    exits with the group alive leaves gloo's worker threads to C++ static destruction, where
+    they can abort the process (SIGABRT, "terminate called without an active exception")
+    after a run that finished cleanly."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def shutdown_distributed() -> None:
+    """End of a distributed run: wait for every rank (none may still be talking to this one
+    when its sockets close), then destroy the process group. A no-op without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        _destroy_process_group()
 
 
 def zero3_init_context(ds_config: dict):

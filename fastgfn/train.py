@@ -624,6 +624,9 @@ def main(argv=None) -> int:
         print(f"fastgfn: config error: {exc}", file=sys.stderr)
         return 2
     Trainer(cfg).run()
+    from fastgfn.engine import shutdown_distributed
+
+    shutdown_distributed()
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fastgfn.engine import shutdown_distributed  # noqa: E402
 from fastgfn.train import Trainer, build_config, parse_args  # noqa: E402
 
 
@@ -173,9 +174,10 @@ def main() -> None:
         ds_configs = args.deepspeed_config.split(",")
         args.deepspeed_config = ds_configs[0]
         restart(build_config(args), out, ds_configs)
-        return
-    tr = Trainer(build_config(args))
-    {"reward": reward, "resume": resume}[mode](tr, out)
+    else:
+        tr = Trainer(build_config(args))
+        {"reward": reward, "resume": resume}[mode](tr, out)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
