@@ -101,20 +101,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forwa
   check_inputs(hidden, weight, bias, target_in, extra_in, vocab_bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto cdt = compute_dtype(hidden.scalar_type());
-  const auto target = target_in.to(at::kLong).contiguous();
-  const auto extra = extra_in.to(at::kLong).contiguous();
-  const int64_t K = extra.size(0);
-  Params P{1.0 / temperature, softcap, ignore_index};
-  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, P, cdt);
+  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_linear_logprobs_forward", [&] {
     auto stats = forward_driver<scalar_t>(
-        N, V, target.data_ptr<int64_t>(), extra.data_ptr<int64_t>(), K, entropy,
+        N, V, ids.target.data_ptr<int64_t>(), ids.extra.data_ptr<int64_t>(), ids.K, entropy,
         tiles.h.options(),
         [&](Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
           return tiles(ws, r0, r1, v0, v1, tiles.weight_chunk(v0, v1), nullptr);
         });
-    out = pack_outputs(stats, target.data_ptr<int64_t>(), N, K, ignore_index, entropy,
+    out = pack_outputs(stats, ids.target.data_ptr<int64_t>(), N, ids.K, ignore_index, entropy,
                        hidden.options().dtype(cdt));
   });
   return {out[0], out[1], out[2], out[3]};
@@ -145,21 +142,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   check_inputs(hidden, weight, bias, target_in, extra_in, vocab_bias);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto cdt = compute_dtype(hidden.scalar_type());
-  const auto target = target_in.to(at::kLong).contiguous();
-  const auto extra = extra_in.to(at::kLong).contiguous();
-  const int64_t K = extra.size(0);
-  Params P{1.0 / temperature, softcap, ignore_index};
-  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, P, cdt);
+  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt);
 
-  const auto lse = lse_in.to(cdt).contiguous();
-  const auto G = row_coefficient(grad_logp, grad_extra, grad_lse, target, ignore_index, cdt);
-  at::Tensor gH, ent;
-  if (grad_entropy.has_value() && grad_entropy->numel() == N) {
-    gH = grad_entropy->to(cdt).contiguous();
-    ent = entropy_in.to(cdt).contiguous();
-  }
-  const auto gy = grad_logp.to(cdt).contiguous();
-  const auto ge = grad_extra.to(cdt).contiguous();
+  const RowGrads g =
+      row_grads(grad_logp, grad_extra, grad_entropy, grad_lse, lse_in, entropy_in, ids, cdt);
   const auto copts = tiles.h.options();
 
   at::Tensor dW = need_weight ? at::empty({V, H}, weight.options()) : at::Tensor();
@@ -176,10 +163,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   std::vector<at::Tensor> dh_parts(threads);
 
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_linear_logprobs_backward", [&] {
-    const scalar_t* gyp = gy.data_ptr<scalar_t>();
-    const scalar_t* gep = ge.data_ptr<scalar_t>();
-    const int64_t* tp = target.data_ptr<int64_t>();
-    const int64_t* ep = extra.data_ptr<int64_t>();
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t R0 = blk * rows_per_block, R1 = std::min(N, R0 + rows_per_block);
       const int64_t nt = ceil_div(R1 - R0, kBlockN);
@@ -202,8 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
             const int64_t r0 = R0 + ti * kBlockN, r1 = std::min(R1, r0 + kBlockN);
             at::Tensor t = Workspace::tile(ws.t, r1 - r0, bv);
             at::Tensor x = tiles(ws, r0, r1, v0, v1, w, softcap > 0.0 ? &t : nullptr);
-            at::Tensor dz = tile_backward<scalar_t>(x, t, ws, r0, r1, v0, v1, lse, ent, G, gH,
-                                                    tp, gyp, ep, K, gep, P);
+            at::Tensor dz = tile_backward<scalar_t>(x, t, ws, r0, r1, v0, v1, g, ids);
             const at::Tensor ht = tiles.h.slice(0, r0, r1);
             if (need_weight) dw_acc.addmm_(dz.t(), ht);
             if (need_bias) {

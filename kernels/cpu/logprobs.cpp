@@ -27,9 +27,8 @@ void check_common(const at::Tensor& logits, const at::Tensor& target, const at::
 // Transformed tile of a logits tensor: a contiguous copy (in the workspace), compute dtype.
 struct LogitsTiles {
   const at::Tensor& logits;
-  const c10::optional<at::Tensor>& beta;
+  c10::optional<at::Tensor> beta;  // vocab_bias, compute dtype, contiguous
   Params P;
-  at::ScalarType cdt;
   at::Tensor operator()(Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1,
                         at::Tensor* tanh_out) const {
     at::Tensor z = Workspace::tile(ws.x, r1 - r0, v1 - v0);
@@ -41,6 +40,13 @@ struct LogitsTiles {
   }
 };
 
+LogitsTiles make_tiles(const at::Tensor& logits, const c10::optional<at::Tensor>& vocab_bias,
+                       const Params& P, at::ScalarType cdt) {
+  LogitsTiles t{logits, {}, P};
+  if (vocab_bias.has_value()) t.beta = vocab_bias->to(cdt).contiguous();
+  return t;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
     const at::Tensor& logits, const at::Tensor& target_in, const at::Tensor& extra_in,
     const c10::optional<at::Tensor>& vocab_bias_in, double temperature, double softcap,
@@ -48,22 +54,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
   check_common(logits, target_in, extra_in, vocab_bias_in);
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto cdt = compute_dtype(logits.scalar_type());
-  const auto target = target_in.to(at::kLong).contiguous();
-  const auto extra = extra_in.to(at::kLong).contiguous();
-  const int64_t K = extra.size(0);
-  c10::optional<at::Tensor> beta;
-  if (vocab_bias_in.has_value()) beta = vocab_bias_in->to(cdt).contiguous();
-  Params P{1.0 / temperature, softcap, ignore_index};
-  LogitsTiles tiles{logits, beta, P, cdt};
+  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const LogitsTiles tiles = make_tiles(logits, vocab_bias_in, ids.P, cdt);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_logprobs_forward", [&] {
     auto stats = forward_driver<scalar_t>(
-        N, V, target.data_ptr<int64_t>(), extra.data_ptr<int64_t>(), K, entropy,
+        N, V, ids.target.data_ptr<int64_t>(), ids.extra.data_ptr<int64_t>(), ids.K, entropy,
         logits.options().dtype(cdt),
         [&](Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
           return tiles(ws, r0, r1, v0, v1, nullptr);
         });
-    out = pack_outputs(stats, target.data_ptr<int64_t>(), N, K, ignore_index, entropy,
+    out = pack_outputs(stats, ids.target.data_ptr<int64_t>(), N, ids.K, ignore_index, entropy,
                        logits.options().dtype(cdt));
   });
   return {out[0], out[1], out[2], out[3]};
@@ -79,31 +80,15 @@ at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad
   check_common(logits, target_in, extra_in, vocab_bias_in);
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto cdt = compute_dtype(logits.scalar_type());
-  const auto target = target_in.to(at::kLong).contiguous();
-  const auto extra = extra_in.to(at::kLong).contiguous();
-  const int64_t K = extra.size(0);
-  c10::optional<at::Tensor> beta;
-  if (vocab_bias_in.has_value()) beta = vocab_bias_in->to(cdt).contiguous();
-  Params P{1.0 / temperature, softcap, ignore_index};
-  LogitsTiles tiles{logits, beta, P, cdt};
+  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const LogitsTiles tiles = make_tiles(logits, vocab_bias_in, ids.P, cdt);
 
-  const auto lse = lse_in.to(cdt).contiguous();
-  const auto G = row_coefficient(grad_logp, grad_extra, grad_lse, target, ignore_index, cdt);
-  at::Tensor gH, ent;
-  if (grad_entropy.has_value() && grad_entropy->numel() == N) {
-    gH = grad_entropy->to(cdt).contiguous();
-    ent = entropy_in.to(cdt).contiguous();
-  }
-  const auto gy = grad_logp.to(cdt).contiguous();
-  const auto ge = grad_extra.to(cdt).contiguous();
+  const RowGrads g =
+      row_grads(grad_logp, grad_extra, grad_entropy, grad_lse, lse_in, entropy_in, ids, cdt);
   auto dlogits = at::empty({N, V}, logits.options());
   const int64_t nt = ceil_div(N, kBlockN), nc = ceil_div(V, kBlockV);
 
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_logprobs_backward", [&] {
-    const scalar_t* gyp = gy.data_ptr<scalar_t>();
-    const scalar_t* gep = ge.data_ptr<scalar_t>();
-    const int64_t* tp = target.data_ptr<int64_t>();
-    const int64_t* ep = extra.data_ptr<int64_t>();
     // Row tiles x vocabulary chunks: every work item writes its own block of d logits.
     at::parallel_for(0, nt * nc, 1, [&](int64_t begin, int64_t end) {
       Workspace ws(logits.options().dtype(cdt));
@@ -113,8 +98,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad
         const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV);
         at::Tensor t = Workspace::tile(ws.t, r1 - r0, v1 - v0);
         at::Tensor x = tiles(ws, r0, r1, v0, v1, softcap > 0.0 ? &t : nullptr);
-        at::Tensor dz = tile_backward<scalar_t>(x, t, ws, r0, r1, v0, v1, lse, ent, G, gH, tp,
-                                                gyp, ep, K, gep, P);
+        at::Tensor dz = tile_backward<scalar_t>(x, t, ws, r0, r1, v0, v1, g, ids);
         dlogits.slice(0, r0, r1).slice(1, v0, v1).copy_(dz);
       }
     });

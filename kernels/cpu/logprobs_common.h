@@ -222,29 +222,64 @@ inline std::vector<at::Tensor> pack_outputs(const RowStats& s, const int64_t* ta
   return {logp.to(dt), extra.to(dt), ent.to(dt), lse.to(dt)};
 }
 
-// Per-row coefficients for the backward pass (compute dtype, [N]):
-//     G = g_y [y != ignore] + sum_k g_e,k - g_lse.
-inline at::Tensor row_coefficient(const at::Tensor& grad_logp, const at::Tensor& grad_extra,
-                                  const at::Tensor& grad_lse, const at::Tensor& target,
-                                  int64_t ignore_index, at::ScalarType cdt) {
-  auto valid = target.ne(ignore_index);
-  auto G = grad_logp.to(cdt).mul(valid.to(cdt));
-  if (grad_extra.numel() > 0) G.add_(grad_extra.to(cdt).sum(1));
+// What every forward and backward call prepares first: the token ids as contiguous int64
+// and the per-call constants.
+struct TokenIds {
+  at::Tensor target;  // [N] int64
+  at::Tensor extra;   // [K] int64
+  int64_t K;
+  Params P;
+};
+
+inline TokenIds token_ids(const at::Tensor& target, const at::Tensor& extra_ids,
+                          double temperature, double softcap, int64_t ignore_index) {
+  TokenIds ids{target.to(at::kLong).contiguous(), extra_ids.to(at::kLong).contiguous(), 0,
+               Params{1.0 / temperature, softcap, ignore_index}};
+  ids.K = ids.extra.size(0);
+  return ids;
+}
+
+// The per-row inputs of a backward pass, [N] (ge: [N, K]) in the compute dtype: the saved
+// lse, the upstream gradients g_y and g_e, and the row coefficient
+//     G = g_y [y != ignore] + sum_k g_e,k - g_lse;
+// with an entropy gradient also the saved entropy H and g_H (both undefined otherwise).
+struct RowGrads {
+  at::Tensor lse, G, gy, ge, ent, gH;
+};
+
+inline RowGrads row_grads(const at::Tensor& grad_logp, const at::Tensor& grad_extra,
+                          const c10::optional<at::Tensor>& grad_entropy,
+                          const at::Tensor& grad_lse, const at::Tensor& lse,
+                          const at::Tensor& entropy, const TokenIds& ids, at::ScalarType cdt) {
+  RowGrads g;
+  g.lse = lse.to(cdt).contiguous();
+  g.gy = grad_logp.to(cdt).contiguous();
+  g.ge = grad_extra.to(cdt).contiguous();
+  auto G = g.gy.mul(ids.target.ne(ids.P.ignore_index).to(cdt));
+  if (grad_extra.numel() > 0) G.add_(g.ge.sum(1));
   G.sub_(grad_lse.to(cdt));
-  return G.contiguous();
+  g.G = G.contiguous();
+  if (grad_entropy.has_value() && grad_entropy->numel() == g.lse.numel()) {
+    g.gH = grad_entropy->to(cdt).contiguous();
+    g.ent = entropy.to(cdt).contiguous();
+  }
+  return g;
 }
 
 // Turn the transformed tile x = z'[r0:r1, v0:v1] into dz (gradient w.r.t. the raw logit z),
 // written into the workspace tile ws.e, and return it. `tanh_tile` holds tanh(z / c) with a
-// softcap (it is overwritten). lse/ent/G/gH are [N] tensors of the compute dtype (gH may be
-// undefined: no entropy gradient).
+// softcap (it is overwritten). g.gH undefined: no entropy gradient.
 template <typename scalar_t>
 at::Tensor tile_backward(at::Tensor& x, at::Tensor& tanh_tile, Workspace& ws, int64_t r0,
-                         int64_t r1, int64_t v0, int64_t v1, const at::Tensor& lse,
-                         const at::Tensor& ent, const at::Tensor& G, const at::Tensor& gH,
-                         const int64_t* target, const scalar_t* gy, const int64_t* extra_ids,
-                         int64_t K, const scalar_t* ge, const Params& P) {
-  const int64_t bn = r1 - r0, bv = v1 - v0;
+                         int64_t r1, int64_t v0, int64_t v1, const RowGrads& g,
+                         const TokenIds& ids) {
+  const int64_t bn = r1 - r0, bv = v1 - v0, K = ids.K;
+  const Params& P = ids.P;
+  const at::Tensor &lse = g.lse, &ent = g.ent, &G = g.G, &gH = g.gH;
+  const int64_t* target = ids.target.data_ptr<int64_t>();
+  const int64_t* extra_ids = ids.extra.data_ptr<int64_t>();
+  const scalar_t* gy = g.gy.data_ptr<scalar_t>();
+  const scalar_t* ge = g.ge.data_ptr<scalar_t>();
   auto col = [&](const at::Tensor& t) { return t.narrow(0, r0, bn).unsqueeze(1); };
   at::Tensor lp = x.sub_(col(lse)).clamp_min_(kLogFloor);  // log p (p == 0 below the floor)
   at::Tensor p = Workspace::tile(ws.e, bn, bv);
