@@ -9,6 +9,7 @@ under both stages; the continuation task's frozen reward LM is ZeRO-3-partitione
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,16 +52,20 @@ def _losses(out: Path):
     return [x["loss"] for x in lines if "loss" in x]
 
 
-_PORT = [29611]
+def _free_port() -> int:
+    """A port nothing listens on now (the OS picks it), for one launcher's rendezvous: a
+    fixed port may be taken on the machine, or linger in TIME_WAIT from the last launch."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _launch(ds_config: str, out: Path, extra=(), procs=2, worker=None, args=ARGS):
     """``deepspeed --num_gpus procs`` on train.py, or on tests/ds_worker.py with
     ``worker=(MODE, OUT)``; ``procs=0``: one plain ``python`` process, no launcher."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    _PORT[0] += 1  # a fresh port per launch (the last one may linger in TIME_WAIT)
     script = ["fastgfn/train.py"] if worker is None else ["tests/ds_worker.py", *worker]
-    launcher = [_deepspeed(), "--num_gpus", str(procs), "--master_port", str(_PORT[0])]
+    launcher = [_deepspeed(), "--num_gpus", str(procs), "--master_port", str(_free_port())]
     if procs == 0:
         _deepspeed()  # skips the test where deepspeed is missing
         launcher = [sys.executable]
