@@ -36,8 +36,12 @@ class Config:
     lora_dropout: float = 0.0
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
     # task --------------------------------------------------------------------------------
-    task: str = "random_number"  # "random_number" or "continuation"
-    data_path: str | None = None
+    task: str = "random_number"  # "random_number", "continuation" or "reasoning"
+    data_path: str | None = None  # continuation: prompts, one a line; reasoning: .json / .jsonl
+    question_key: str = "question"  # reasoning: the data's question and answer fields
+    answer_key: str = "answer"
+    prompt_template: str = "{question}"  # reasoning: the prompt X before the rationale
+    answer_template: str = " The answer is {answer}."  # reasoning: Y, scored after X z STOP
     prompt: str | None = None
     termination: str = ","
     task_low: int = 0
@@ -73,6 +77,8 @@ class Config:
     loss: str = "subtb"  # "subtb", "tb", "vargrad", "db"
     subtb_lambda: float = 1.0
     log_z_init: float = 0.0
+    log_z_auto_init: bool = False  # at the first step set log Z to the first batch's mean of
+    #   log R(z) - log q(z): the TB-optimal log Z for the initial policy (log_z_init ignored)
     log_z_lr: float = 0.1
     # optimisation ------------------------------------------------------------------------
     steps: int = 150
@@ -111,13 +117,14 @@ class Config:
 
 
 _CHOICES = {
-    "task": ("random_number", "continuation"),
+    "task": ("random_number", "continuation", "reasoning"),
     "loss": ("subtb", "tb", "vargrad", "db"),
     "dtype": ("float32", "bfloat16", "float16"),
     "sample_dtype": ("auto", "model", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "lr_schedule": ("constant", "cosine"),
 }
+REWARD_LM_TASKS = ("continuation", "reasoning")  # tasks scored by a frozen reward LM
 _POSITIVE = (
     "batch_size",
     "max_new_tokens",
@@ -251,14 +258,26 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("termination: must name a token (for example ',' or 'eos')")
     if cfg.task == "continuation" and not cfg.data_path:
         raise ConfigError("data_path: the continuation task needs a prompts file")
+    if cfg.task == "reasoning":
+        if not cfg.data_path:
+            raise ConfigError("data_path: the reasoning task needs a .json or .jsonl data file")
+        if "{question}" not in cfg.prompt_template:
+            raise ConfigError(
+                f"prompt_template: must contain {{question}}, got {cfg.prompt_template!r}"
+            )
+        if "{answer}" not in cfg.answer_template:
+            raise ConfigError(
+                f"answer_template: must contain {{answer}}, got {cfg.answer_template!r}"
+            )
     if not isinstance(cfg.reward_model, str) or not cfg.reward_model:
         raise ConfigError(
             f"reward_model: must be 'initial' or a model name, directory or .gguf file, got "
             f"{cfg.reward_model!r}"
         )
-    if cfg.reward_model != "initial" and cfg.task != "continuation":
+    if cfg.reward_model != "initial" and cfg.task not in REWARD_LM_TASKS:
         raise ConfigError(
-            f"reward_model: only the continuation task scores with a reward LM (task={cfg.task})"
+            f"reward_model: only the tasks {REWARD_LM_TASKS} score with a reward LM "
+            f"(task={cfg.task})"
         )
     if cfg.attn_implementation == "flash_attention_2":
         from fastgfn.models import resolve_attn_implementation

@@ -70,6 +70,20 @@ class _LogZ:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
+    def reset(self, value: torch.Tensor) -> float:
+        """Set log Z to ``value`` averaged over the ranks (every rank keeps the same log Z);
+        the Adam moments start afresh. Returns the value set."""
+        value = value.detach().to(self.param).reshape(())
+        if world_size() > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+            value /= world_size()
+        with torch.no_grad():
+            self.param.fill_(value)
+        if self.opt is not None:
+            self.opt.state.clear()
+        return float(value)
+
     def state_dict(self):
         return {
             "value": float(self.param.detach()),

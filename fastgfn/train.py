@@ -27,7 +27,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: `deepspeed fastgfn/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastgfn.config import Config, ConfigError, load_config  # noqa: E402
+from fastgfn.config import REWARD_LM_TASKS, Config, ConfigError, load_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -159,7 +159,7 @@ class Trainer:
         self.load_seconds = time.time() - t0
         task_kwargs = {}
         self.reward_engine = None
-        if cfg.task == "continuation":
+        if cfg.task in REWARD_LM_TASKS:
             if cfg.lora and cfg.reward_model == "initial":
                 # the frozen reward is the same model with its adapters disabled
                 task_kwargs = {"reward_model": model, "adapters_off": True}
@@ -205,6 +205,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.logger = MetricsLogger(cfg, self.out, self.is_main)
         self._stop_signal = None
+        self._log_z_set = False
 
     def _frozen_reward_model(self, model, ds_config):
         """The frozen reward LM: a separate copy of the initial policy (``reward_model:
@@ -327,6 +328,23 @@ class Trainer:
             return fastgfn.tb_loss(log_pf, log_pterm, log_r, lengths, self.engine.log_z.param)
         return fastgfn.vargrad_loss(log_pf, log_pterm, log_r, lengths)
 
+    def _set_initial_log_z(self, log_pf, log_pterm, log_r, lengths) -> None:
+        """log Z from the first (on-policy) batch: the mean over its rows of
+        ``log R(z) - log q(z)`` with ``log q(z) = sum_t log_pf + log_pterm(end)``, which is the
+        log Z that minimises the squared TB residual of the initial policy, averaged over the
+        ranks. Far-off initial values (rewards of -50 nats against log Z = 0) otherwise let the
+        policy balance the flows by never terminating instead of by moving log Z."""
+        with torch.no_grad():
+            T = log_pf.shape[1]
+            inside = torch.arange(T, device=log_pf.device)[None] < lengths[:, None]
+            log_q = torch.where(inside, log_pf, 0.0).sum(1)
+            log_q = log_q + log_pterm.gather(1, lengths[:, None]).squeeze(1)
+            log_R = log_r.gather(1, lengths[:, None]).squeeze(1)
+            value = self.engine.log_z.reset((log_R - log_q).mean())
+        self._log_z_set = True
+        if self.is_main:
+            print(f"fastgfn: log Z initialised to {value:.3f} from the first batch")
+
     def train_step(self) -> dict:
         from fastgfn.scoring import gfn_logprobs
 
@@ -360,6 +378,8 @@ class Trainer:
                 # a dead end is a forced stop: P(STOP | dead state) = 1
                 at_end = torch.arange(T + 1)[None] == lengths[:, None]
                 log_pterm = log_pterm.masked_fill((at_end & dead[:, None]).to(dev), 0.0)
+            if cfg.log_z_auto_init and self.step == 0 and not self._log_z_set:
+                self._set_initial_log_z(log_pf, log_pterm, log_r, lengths.to(dev))
             if cfg.min_new_tokens >= 1 and cfg.loss in ("subtb", "db"):
                 # s_0 cannot terminate: its flow R(s_0)/P(STOP|s_0) is the learned log Z
                 # (log_r[0] - log_pterm[0] = log Z).

@@ -7,6 +7,7 @@ under both stages; the continuation task's frozen reward LM is ZeRO-3-partitione
 `tests/ds_worker.py` looks inside a launched run where the test needs to."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -275,6 +276,30 @@ def test_frozen_reward_lm_is_zero3_partitioned(tmp_path):
         assert seen["err_loaded"] <= 1e-5, seen
         assert len(seen["values"]) == 3 + r
     assert len(_losses(tmp_path / "run")) == 3
+
+
+def test_reasoning_task_under_zero3(tmp_path):
+    """The reasoning task on 2 ZeRO-3 processes that sample different data (rationales of
+    different lengths, so different numbers of (row, prefix) pairs per rank): its answer pass
+    makes the same partitioned-LM calls on every rank (no hang), and log Z set from the first
+    batch is averaged over the ranks."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"question": "1+2", "answer": "3"}\n{"question": "4-1", "answer": "3"}\n')
+    extra = [
+        "task=reasoning",
+        f"data_path={data}",
+        "termination=.",
+        "max_new_tokens=4",
+        "steps=3",
+        "loss=subtb",
+        "log_z_auto_init=true",
+        "same_data_all_ranks=false",
+    ]
+    res = _launch(_ds(3), tmp_path / "run", extra)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    # rank 0 reports the value averaged over the ranks
+    assert (res.stdout + res.stderr).count("log Z initialised to") == 1
 
 
 def test_lora_matches_single_process_and_resumes(tmp_path):

@@ -13,4 +13,8 @@ def build_task(cfg, tokenizer, **kwargs):
         from fastgfn.tasks.continuation import ContinuationTask
 
         return ContinuationTask.from_config(cfg, tokenizer, **kwargs)
+    if cfg.task == "reasoning":
+        from fastgfn.tasks.reasoning import LatentReasoningTask
+
+        return LatentReasoningTask.from_config(cfg, tokenizer, **kwargs)
     raise ValueError(f"task: unknown task {cfg.task!r}")

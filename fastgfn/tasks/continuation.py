@@ -133,12 +133,7 @@ class ContinuationTask:
         bias[self.illegal_token_ids()] = self.illegal_token_bias
         return bias
 
-    @torch.no_grad()
-    def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
-        """``[len(rows), T + 1]`` float32: entry ``[b, t]`` is ``log p_LM(z_1..z_t STOP | X)``
-        for the first t tokens of ``rows[b]`` under the frozen reward LM (not divided by the
-        reward temperature; the trainer does that). Entries past a row's length are computed
-        on padding and must be masked by the loss."""
+    def _check_rows(self, prompt_index: int, rows: list[list[int]], T: int) -> None:
         if not 0 <= prompt_index < len(self.prompts):
             raise ValueError(
                 f"prompt_index: must be in [0, {len(self.prompts)}), got {prompt_index}"
@@ -148,6 +143,27 @@ class ContinuationTask:
         vocab = self.reward_model.config.vocab_size
         if any(not 0 <= t < vocab for r in rows for t in r):
             raise ValueError(f"rows: token ids must be in [0, {vocab})")
+
+    @contextlib.contextmanager
+    def _frozen_reward_lm(self):
+        """The reward LM in eval mode (with LoRA: adapters disabled) and its device."""
+        model = self.reward_model
+        ctx = model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
+        was = model.training
+        model.eval()
+        try:
+            with ctx:
+                yield model, next(model.parameters()).device
+        finally:
+            model.train(was)
+
+    @torch.no_grad()
+    def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
+        """``[len(rows), T + 1]`` float32: entry ``[b, t]`` is ``log p_LM(z_1..z_t STOP | X)``
+        for the first t tokens of ``rows[b]`` under the frozen reward LM (not divided by the
+        reward temperature; the trainer does that). Entries past a row's length are computed
+        on padding and must be masked by the loss."""
+        self._check_rows(prompt_index, rows, T)
         pad = self.tokenizer.pad_token_id or 0
         tokens, _ = ReplayBuffer.to_tensors(rows, pad)  # at least one column (causal: a
         width = max(T, 1)  # padding column after the last state changes no reward)
@@ -155,13 +171,8 @@ class ContinuationTask:
             tokens = torch.cat(
                 [tokens, tokens.new_full((len(rows), width - tokens.shape[1]), pad)], 1
             )
-        model = self.reward_model
-        dev = next(model.parameters()).device
-        ctx = model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
-        was = model.training
-        model.eval()
         bias = self.vocab_bias()
-        with ctx:
+        with self._frozen_reward_lm() as (model, dev):
             log_pf, log_pterm = gfn_logprobs(
                 model,
                 self.prompt_tokens(prompt_index).to(dev),
@@ -170,7 +181,6 @@ class ContinuationTask:
                 vocab_bias=None if bias is None else bias.to(dev),
                 use_fused=self.use_fused,
             )
-        model.train(was)
         # log p(z_1..z_t STOP | X) = sum_{k<t} log p(z_{k+1} | s_k) + log p(STOP | s_t)
         cum = torch.cat([log_pf.new_zeros(len(rows), 1), log_pf.cumsum(1)], dim=1)
         out = (cum + log_pterm)[:, : T + 1]
@@ -189,8 +199,8 @@ class ContinuationTask:
     ) -> tuple[torch.Tensor, list[list[int]]]:
         """``n`` continuations of prompt ``prompt_index`` drawn from ``model`` as it is
         (temperature 1, no exploration, no vocabulary bias) and their log-rewards
-        ``log p_LM(z STOP | X)`` (not tempered): ``(log_rewards [n], rows)``. An evaluation
-        aid: below reward temperature 1, training should raise the mean."""
+        (``log_rewards``, not tempered): ``(log_rewards [n], rows)``. An evaluation aid: below
+        reward temperature 1, training should raise the mean."""
         from fastgfn.sampler import sample
 
         if n < 1:

@@ -1,0 +1,175 @@
+"""Latent chain of thought (Hu et al. 2024, sections 4.3 and 4.4).
+
+A data set of questions x with known answers y. The policy samples a rationale z after the
+prompt X = ``prompt_template.format(question=x)``, ending with the termination token; the
+target is the posterior over rationales that explain the answer,
+
+    R(z) = p_LM(z STOP | X) * p_LM(Y | X z STOP),      Y = answer_template.format(answer=y),
+
+under the frozen reward LM (a copy of the initial policy, another causal LM, or with LoRA the
+policy with its adapters off). Modified SubTB needs the reward of stopping at every prefix,
+
+    log R(z_1..z_t STOP) = log p_LM(z_1..z_t STOP | X) + log p_LM(Y | X z_1..z_t STOP),
+
+t = 0..len(z). The first term is the continuation task's (one teacher-forced pass). The second
+reuses the KV cache of X z_1..z_T: each row's cache is copied once per prefix t, the
+attention mask hides its positions past X z_1..z_t, and only the 1 + |Y| tokens STOP Y run,
+at positions |X| + t onwards, for all (row, prefix) pairs in one batch. The answer tokens'
+log-probs come through the fused lm_head op at the |Y| states that predict them, so no
+[*, V] logits exist. The decoder calls (prompt, rationales, suffixes) are the same whatever
+the data, so every ZeRO-3 rank makes the same calls.
+
+Illegal tokens in the rationale are handled as in the continuation task (``illegal_token_bias``
+on the reward LM's rationale logits, restricted exploration through ``allowed_token_ids``); the
+answer is fixed text and is scored without the bias.
+
+Data: a ``.json`` file holding a list of objects or a ``.jsonl`` file of one object per line;
+``question_key`` and ``answer_key`` name the fields (the paper's SUBJ files: ``text`` and
+``label_text``; its arithmetic files: ``str_query`` and ``num_sol``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fastgfn.sampler import cache_kwarg, expand_cache, output_cache
+from fastgfn.scoring import head_logprobs
+from fastgfn.tasks.continuation import ContinuationTask
+
+
+def load_examples(path: str | Path, question_key: str, answer_key: str):
+    """``(questions, answers)`` as strings from a ``.json`` list or a ``.jsonl`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data_path: no such data file {str(path)!r}")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        items = json.loads(text)
+    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+        raise ValueError(f"data_path: {str(path)!r} must hold a list of objects (or JSON lines)")
+    for key, name in ((question_key, "question_key"), (answer_key, "answer_key")):
+        missing = [i for i, x in enumerate(items) if key not in x]
+        if missing:
+            raise ValueError(
+                f"{name}: field {key!r} is missing from item {missing[0]} of {str(path)!r}"
+            )
+    return [str(x[question_key]) for x in items], [str(x[answer_key]) for x in items]
+
+
+class LatentReasoningTask(ContinuationTask):
+    name = "reasoning"
+
+    def __init__(
+        self,
+        tokenizer,
+        questions: list[str],
+        answers: list[str],
+        reward_model,
+        *,
+        prompt_template: str = "{question}",
+        answer_template: str = " The answer is {answer}.",
+        **kwargs,
+    ):
+        if len(questions) != len(answers):
+            raise ValueError(
+                f"answers: need one per question ({len(questions)}), got {len(answers)}"
+            )
+        if "{question}" not in prompt_template:
+            raise ValueError(f"prompt_template: must contain {{question}}, got {prompt_template!r}")
+        if "{answer}" not in answer_template:
+            raise ValueError(f"answer_template: must contain {{answer}}, got {answer_template!r}")
+        prompts = [prompt_template.format(question=q) for q in questions]
+        super().__init__(tokenizer, prompts, reward_model, **kwargs)
+        self.answers = list(answers)
+        self.answer_texts = [answer_template.format(answer=a) for a in answers]
+        self._answer_ids = {}
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, reward_model=None, adapters_off=False):
+        questions, answers = load_examples(cfg.data_path, cfg.question_key, cfg.answer_key)
+        return cls(
+            tokenizer,
+            questions,
+            answers,
+            reward_model,
+            prompt_template=cfg.prompt_template,
+            answer_template=cfg.answer_template,
+            termination=cfg.termination,
+            adapters_off=adapters_off,
+            use_fused=cfg.use_fused_logprobs,
+            illegal_token_bias=cfg.illegal_token_bias,
+        )
+
+    def answer_tokens(self, index: int) -> torch.Tensor:
+        """Token ids of the answer text Y of question ``index`` (at least one)."""
+        if index not in self._answer_ids:
+            ids = self.tokenizer.encode(self.answer_texts[index], add_special_tokens=False)
+            if not ids:
+                raise ValueError(f"answer_template: the answer of item {index} has no tokens")
+            self._answer_ids[index] = torch.tensor(ids)
+        return self._answer_ids[index]
+
+    @torch.no_grad()
+    def answer_log_likelihood(self, prompt_index: int, rows: list[list[int]], T: int):
+        """``[len(rows), T + 1]`` float32: entry ``[b, t]`` is ``log p_LM(Y | X z_1..z_t
+        STOP)`` for the first t tokens of ``rows[b]``; 0 past a row's length."""
+        self._check_rows(prompt_index, rows, T)
+        answer = self.answer_tokens(prompt_index)
+        A, B = answer.numel(), len(rows)
+        pad = self.tokenizer.pad_token_id or 0
+        pairs = [(b, t) for b, row in enumerate(rows) for t in range(len(row) + 1)]
+        b_idx = torch.tensor([b for b, _ in pairs])
+        prefix = torch.tensor([t for _, t in pairs])
+        width = max(T, 1)  # every call below runs whatever the data (ZeRO-3: same calls)
+        tokens = torch.full((B, width), pad)
+        for b, row in enumerate(rows):
+            tokens[b, : len(row)] = torch.tensor(row, dtype=tokens.dtype)
+        suffix = torch.cat([torch.tensor([self.termination_token_id]), answer])  # STOP Y
+        with self._frozen_reward_lm() as (model, dev):
+            decoder, kw = model.get_decoder(), cache_kwarg(model)
+            prompt = self.prompt_tokens(prompt_index).to(dev)
+            P = prompt.numel()
+            # 1. the KV cache of X z_1..z_T for every row (the prompt once, expanded)
+            cache = expand_cache(output_cache(decoder(input_ids=prompt[None], use_cache=True)), B)
+            cache = output_cache(decoder(input_ids=tokens.to(dev), use_cache=True, **{kw: cache}))
+            # 2. one copy of its row's cache per (row, t) pair, cut to X z_1..z_t by the
+            #    attention mask (cache positions P + t .. P + width - 1 hidden)
+            select = b_idx.to(dev)
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, select)
+                layer.values = layer.values.index_select(0, select)
+            L = P + width
+            cols = torch.arange(L + 1 + A)
+            visible = (cols[None] < P + prefix[:, None]) | (cols[None] >= L)
+            positions = P + prefix[:, None] + torch.arange(1 + A)  # right after z_1..z_t
+            # 3. STOP Y after each prefix: the state after STOP Y_<k predicts Y_k
+            h = decoder(
+                input_ids=suffix.to(dev).expand(len(pairs), 1 + A),
+                attention_mask=visible.to(dev, torch.long),
+                position_ids=positions.to(dev),
+                use_cache=True,
+                **{kw: cache},
+            ).last_hidden_state[:, :A]
+            logp, _ = head_logprobs(
+                model,
+                h.reshape(-1, h.shape[-1]),
+                answer.to(dev).repeat(len(pairs)),
+                [],
+                use_fused=self.use_fused,
+            )
+        out = torch.zeros(B, T + 1)
+        out[b_idx, prefix] = logp.view(len(pairs), A).sum(1).float().cpu()
+        return out
+
+    def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
+        """``log p_LM(z_1..z_t STOP | X) + log p_LM(Y | X z_1..z_t STOP)``, ``[len(rows), T+1]``
+        (not divided by the reward temperature; entries past a row's length are masked by the
+        loss)."""
+        return super().log_rewards(prompt_index, rows, T) + self.answer_log_likelihood(
+            prompt_index, rows, T
+        )
