@@ -98,6 +98,10 @@ class Config:
     eval_samples: int = 4096
     eval_batch_size: int = 1024
     eval_before: bool = True
+    eval_data_path: str | None = None  # reasoning: questions for the answer accuracy (default:
+    #   the training questions)
+    eval_questions: int = 200  # reasoning: how many of them (0: all)
+    eval_rationales: int = 4  # reasoning: rationales sampled per question (0: no accuracy)
     eval_every: int = 0
     histogram: bool = True
     # run, logging and checkpoints -------------------------------------------------------
@@ -148,6 +152,8 @@ _NON_NEGATIVE = (
     "weight_decay",
     "eval_samples",
     "eval_every",
+    "eval_questions",
+    "eval_rationales",
     "save_every",
     "log_z_lr",
     "replay_min_distance",

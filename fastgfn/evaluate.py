@@ -85,12 +85,70 @@ def exact_number_distribution(engine, task, min_new_tokens: int = 0) -> dict:
     return {"exact_valid_mass": mass, "exact_kl_uniform": kl}
 
 
-def evaluate(engine, task, cfg, generator, progress=None) -> dict:
+def evaluate(engine, task, cfg, generator, progress=None, answer_task=None) -> dict:
+    """Sampled metrics of the task; the exact distribution for the random-number task; the
+    answer accuracy on ``answer_task`` (reasoning task, ``eval_rationales > 0``)."""
     texts, terms = sample_texts(engine, task, cfg, cfg.eval_samples, generator, progress)
     metrics = task.evaluate(texts, terms)
     if getattr(task, "name", "") == "random_number":
         metrics.update(exact_number_distribution(engine, task, cfg.min_new_tokens))
+    if answer_task is not None and cfg.eval_rationales > 0:
+        metrics.update(answer_accuracy(engine, answer_task, cfg, generator))
     return metrics
+
+
+@torch.no_grad()
+def answer_accuracy(engine, task, cfg, generator) -> dict:
+    """Reasoning task, on its first ``eval_questions`` questions (0: all): for each,
+    ``eval_rationales`` rationales from the policy (temperature 1, no exploration), then the
+    reward LM's probability of each choice after each rationale, normalised over the
+    choices, ``p(c | X z) = p(Y_c | X z STOP) / sum_c' p(Y_c' | X z STOP)``. The prediction
+    is the choice with the largest mean of ``p(c | X z)`` over the rationales (the paper's
+    "sample rationales, then the answer" classifier); the zero-shot prediction uses the empty
+    rationale (``X STOP Y_c``). Questions are split over the ranks, each rank taking the same
+    number (ZeRO-3: the same calls), and the counts are summed."""
+    model = engine.module
+    choices = task.choices
+    n = task.num_prompts() if cfg.eval_questions <= 0 else min(cfg.eval_questions,
+                                                                task.num_prompts())
+    world, rank = world_size(), (torch.distributed.get_rank() if world_size() > 1 else 0)
+    per_rank = math.ceil(n / world)
+    counts = torch.zeros(3, dtype=torch.float64)  # questions, correct, zero-shot correct
+    was_training = model.training
+    model.eval()
+    for j in range(per_rank):
+        i = rank * per_rank + j
+        real = i < n
+        i = i % n  # padding: a repeat that is not counted
+        with engine.param_context():
+            r = sample(
+                model,
+                task.prompt_tokens(i).to(engine.device),
+                cfg.eval_rationales,
+                max_new_tokens=cfg.max_new_tokens,
+                min_new_tokens=cfg.min_new_tokens,
+                termination_token_id=task.termination_token_id,
+                pad_token_id=_pad(task),
+                generator=generator,
+            )
+        ll = task.choice_log_likelihoods(i, r.rows(), choices)  # [rationales, C]
+        pred = int(ll.log_softmax(1).exp().mean(0).argmax())
+        zero = int(task.choice_log_likelihoods(i, [[]], choices)[0].argmax())
+        if real:
+            truth = task.answers[i]
+            counts += torch.tensor([1.0, choices[pred] == truth, choices[zero] == truth],
+                                   dtype=torch.float64)
+    model.train(was_training)
+    if world > 1:
+        counts = counts.to(engine.device)
+        torch.distributed.all_reduce(counts)
+        counts = counts.cpu()
+    total = max(1.0, float(counts[0]))
+    return {
+        "answer_questions": int(counts[0]),
+        "answer_accuracy": float(counts[1]) / total,
+        "zero_shot_accuracy": float(counts[2]) / total,
+    }
 
 
 def histogram(counts_before: dict, counts_after: dict, task, path) -> None:
@@ -125,6 +183,9 @@ def format_table(before: dict | None, after: dict) -> str:
         ("KL(empirical||uniform) nats", "kl_uniform", "{:.4f}"),
         ("exact valid mass", "exact_valid_mass", "{:.4f}"),
         ("exact KL(policy|valid||uniform)", "exact_kl_uniform", "{:.4f}"),
+        ("answer questions", "answer_questions", "{:d}"),
+        ("answer accuracy (rationales)", "answer_accuracy", "{:.4f}"),
+        ("answer accuracy (zero-shot)", "zero_shot_accuracy", "{:.4f}"),
     ]
     lines = [
         f"| {'metric':<32} | {'before':>10} | {'after':>10} |",

@@ -117,6 +117,11 @@ def _resolve_sample_dtype(requested: str, model, zero_stage: int) -> str:
     return "model"
 
 
+# Answer accuracy (reasoning task) scores every distinct answer after every rationale: a
+# classification label set, not free-form answers such as the arithmetic task's numbers.
+MAX_ANSWER_CHOICES = 32
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -166,6 +171,9 @@ class Trainer:
             else:  # a frozen copy of the initial policy
                 task_kwargs = {"reward_model": self._frozen_reward_model(model, ds_config)}
         self.task = build_task(cfg, self.tokenizer, **task_kwargs)
+        self.answer_task = None  # reasoning: the questions of the answer-accuracy evaluation
+        if cfg.task == "reasoning" and cfg.eval_rationales > 0 and cfg.eval_samples > 0:
+            self.answer_task = self._answer_task(task_kwargs)
         model.train()
         # Dropout would make the teacher-forced pass disagree with sampling; turn it off.
         for m in model.modules():
@@ -240,6 +248,26 @@ class Trainer:
             return reward
         self.reward_engine = frozen_zero3_module(reward, ds_config)
         return self.reward_engine.module
+
+    def _answer_task(self, task_kwargs):
+        """The reasoning questions scored for answer accuracy (``eval_data_path``, else the
+        training questions); the choices are every answer seen in either set."""
+        import dataclasses
+
+        from fastgfn.tasks.reasoning import LatentReasoningTask
+
+        task = self.task
+        if self.cfg.eval_data_path:
+            eval_cfg = dataclasses.replace(self.cfg, data_path=self.cfg.eval_data_path)
+            task = LatentReasoningTask.from_config(eval_cfg, self.tokenizer, **task_kwargs)
+        choices = sorted(set(self.task.answers) | set(task.answers))
+        if len(choices) > MAX_ANSWER_CHOICES:
+            raise ValueError(
+                f"eval_rationales: answer accuracy scores every distinct answer and needs at "
+                f"most {MAX_ANSWER_CHOICES}, found {len(choices)}; set eval_rationales=0"
+            )
+        task.choices = choices
+        return task
 
     def _check_reward_vocab(self, reward):
         """A reward LM scores the policy's token ids: its vocabulary must be the policy's."""
@@ -600,6 +628,7 @@ class Trainer:
                 self.cfg,
                 self.eval_generator,
                 progress=(lambda n: bar.update(n * self.world)) if bar else None,
+                answer_task=self.answer_task,
             )
         finally:
             if bar is not None:

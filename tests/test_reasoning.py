@@ -213,3 +213,103 @@ def test_log_z_auto_init_is_the_mean_tb_residual(tmp_path):
     assert seen[1][4] == log_z  # set once, at the first step only
     # log Z stands in for the flow of s_0 (cannot stop): its pterm slot is -log Z
     assert log_pterm[:, 0].eq(-log_z).all()
+
+
+def test_choice_log_likelihoods_match_brute_force(lm):
+    """Each choice's answer text (different token lengths) after each whole rationale, and
+    after the empty one."""
+    model, tok = lm
+    task = _task(lm)
+    rows = [tok.encode("ab"), [], tok.encode("xyz")]
+    choices = ["5", "no", "maybe"]
+    got = task.choice_log_likelihoods(0, rows, choices)
+    assert got.shape == (3, 3)
+    prompt = tok.encode(task.prompts[0])
+    for b, row in enumerate(rows):
+        for c, choice in enumerate(choices):
+            want = brute_force_answer(model, prompt, row, task.termination_token_id,
+                                      tok.encode(f" A: {choice}"))
+            assert got[b, c].item() == pytest.approx(want, abs=2e-4), (b, c)
+    with pytest.raises(ValueError, match="answer_template: the choices has no tokens"):
+        LatentReasoningTask(tok, ["x"], ["y"], model, answer_template="{answer}"
+                            ).choice_log_likelihoods(0, [[]], [""])
+
+
+def test_answer_accuracy(lm):
+    """The prediction is the choice with the largest mean over rationales of the choice
+    probabilities normalised over the choices; zero-shot uses the empty rationale; only the
+    first eval_questions questions count. Recomputed from the scores the task returned, and
+    the zero-shot scores from a float64 brute force."""
+    from fastgfn.engine import TorchEngine
+    from fastgfn.evaluate import answer_accuracy
+
+    model, tok = lm
+    cfg = load_config(None, ["model=tiny", "task=reasoning", "data_path=x", "termination=.",
+                             "eval_rationales=5", "eval_questions=3", "max_new_tokens=3",
+                             "min_new_tokens=1", "device=cpu"])
+    task = LatentReasoningTask(tok, ["ab", "cd", "ef", "gh"], ["yes", "no", "no", "yes"],
+                               model, termination=".", answer_template=" {answer}")
+    assert task.choices == ["no", "yes"]
+    engine = TorchEngine(copy.deepcopy(model), cfg)
+    calls, score = [], task.choice_log_likelihoods
+
+    def spy(i, rows, choices):
+        out = score(i, rows, choices)
+        calls.append((i, [list(r) for r in rows], out))
+        return out
+
+    task.choice_log_likelihoods = spy
+    got = answer_accuracy(engine, task, cfg, torch.Generator().manual_seed(0))
+    assert [c[0] for c in calls] == [0, 0, 1, 1, 2, 2]  # question 3 is not scored
+    correct = zero_correct = 0
+    for q in range(3):
+        _, rows, ll = calls[2 * q]
+        _, empty, ll0 = calls[2 * q + 1]
+        assert len(rows) == 5 and empty == [[]]
+        probs = torch.softmax(ll.double(), 1).mean(0)
+        correct += task.choices[int(probs.argmax())] == task.answers[q]
+        bf = [brute_force_answer(model, tok.encode(task.prompts[q]), [],
+                                 task.termination_token_id, tok.encode(f" {c}"))
+              for c in task.choices]
+        torch.testing.assert_close(ll0[0].double(), torch.tensor(bf, dtype=torch.float64),
+                                   atol=2e-4, rtol=0)
+        zero_correct += task.choices[int(torch.tensor(bf).argmax())] == task.answers[q]
+    assert got == {"answer_questions": 3, "answer_accuracy": correct / 3,
+                   "zero_shot_accuracy": zero_correct / 3}
+
+
+def test_trainer_reports_answer_accuracy(tmp_path):
+    """A reasoning run with evaluation: the before/after table carries the answer accuracy
+    on the eval_data_path questions, with the choices of both files."""
+    from fastgfn.train import Trainer
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"q": q, "a": a}) + "\n"
+                             for q, a in (("ab", "yes"), ("cd", "no"))))
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"q": "ef", "a": "maybe"}, {"q": "gh", "a": "no"}]))
+    cfg = load_config(None, [
+        "model=tiny", "tiny_hidden=32", "tiny_layers=1", "task=reasoning",
+        f"data_path={train}", f"eval_data_path={test}", "question_key=q", "answer_key=a",
+        "termination=.", "batch_size=4", "max_new_tokens=3", "steps=2", "eval_samples=4",
+        "eval_rationales=2", "progress=false", "tensorboard=false", "sample_dtype=model",
+        "log_z_auto_init=true", f"output_dir={tmp_path / 'o'}",
+    ])
+    tr = Trainer(cfg)
+    assert tr.answer_task.answers == ["maybe", "no"]
+    assert tr.answer_task.choices == ["maybe", "no", "yes"]
+    results = tr.run()
+    for when in ("before", "after"):
+        m = results[when]
+        assert m["answer_questions"] == 2
+        assert m["answer_accuracy"] in (0.0, 0.5, 1.0)
+        assert m["zero_shot_accuracy"] in (0.0, 0.5, 1.0)
+    # too many distinct answers for a classifier: refused, naming the key
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"q": "x", "a": str(i)}) + "\n" for i in range(40)))
+    with pytest.raises(ValueError, match="eval_rationales: .* at most 32, found 40"):
+        Trainer(load_config(None, [
+            "model=tiny", "tiny_hidden=32", "tiny_layers=1", "task=reasoning",
+            f"data_path={many}", "question_key=q", "answer_key=a", "termination=.",
+            "eval_samples=4", f"output_dir={tmp_path / 'o2'}",
+        ]))

@@ -86,6 +86,8 @@ class LatentReasoningTask(ContinuationTask):
         prompts = [prompt_template.format(question=q) for q in questions]
         super().__init__(tokenizer, prompts, reward_model, **kwargs)
         self.answers = list(answers)
+        self.answer_template = answer_template
+        self.choices = sorted(set(self.answers))  # the answer-accuracy candidates
         self.answer_texts = [answer_template.format(answer=a) for a in answers]
         self._answer_ids = {}
 
@@ -108,28 +110,60 @@ class LatentReasoningTask(ContinuationTask):
     def answer_tokens(self, index: int) -> torch.Tensor:
         """Token ids of the answer text Y of question ``index`` (at least one)."""
         if index not in self._answer_ids:
-            ids = self.tokenizer.encode(self.answer_texts[index], add_special_tokens=False)
-            if not ids:
-                raise ValueError(f"answer_template: the answer of item {index} has no tokens")
-            self._answer_ids[index] = torch.tensor(ids)
+            self._answer_ids[index] = self._encode_answer(self.answer_texts[index],
+                                                          f"answer of item {index}")
         return self._answer_ids[index]
+
+    def _encode_answer(self, text: str, what: str) -> torch.Tensor:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"answer_template: the {what} has no tokens ({text!r})")
+        return torch.tensor(ids)
 
     @torch.no_grad()
     def answer_log_likelihood(self, prompt_index: int, rows: list[list[int]], T: int):
         """``[len(rows), T + 1]`` float32: entry ``[b, t]`` is ``log p_LM(Y | X z_1..z_t
         STOP)`` for the first t tokens of ``rows[b]``; 0 past a row's length."""
         self._check_rows(prompt_index, rows, T)
-        answer = self.answer_tokens(prompt_index)
-        A, B = answer.numel(), len(rows)
-        pad = self.tokenizer.pad_token_id or 0
         pairs = [(b, t) for b, row in enumerate(rows) for t in range(len(row) + 1)]
-        b_idx = torch.tensor([b for b, _ in pairs])
-        prefix = torch.tensor([t for _, t in pairs])
+        answer = self.answer_tokens(prompt_index)
+        ll = self._suffix_log_likelihood(prompt_index, rows, T, pairs, [answer] * len(pairs))
+        out = torch.zeros(len(rows), T + 1)
+        out[torch.tensor([b for b, _ in pairs]), torch.tensor([t for _, t in pairs])] = ll
+        return out
+
+    @torch.no_grad()
+    def choice_log_likelihoods(self, prompt_index: int, rows: list[list[int]],
+                               choices: list[str]) -> torch.Tensor:
+        """``[len(rows), len(choices)]`` float32: ``log p_LM(Y_c | X z STOP)`` after each whole
+        rationale ``rows[b]``, ``Y_c`` the answer template filled with choice c."""
+        T = max((len(r) for r in rows), default=0)
+        self._check_rows(prompt_index, rows, T)
+        ids = [self._encode_answer(self.answer_template.format(answer=c), "choices")
+               for c in choices]
+        pairs = [(b, len(row)) for b, row in enumerate(rows) for _ in choices]
+        ll = self._suffix_log_likelihood(prompt_index, rows, T, pairs, ids * len(rows))
+        return ll.view(len(rows), len(choices))
+
+    def _suffix_log_likelihood(self, prompt_index, rows, T, pairs, answers) -> torch.Tensor:
+        """For each pair ``(b, t)`` with its answer ids ``Y`` (``answers[i]``, lengths may
+        differ): ``log p_LM(Y | X z_1..z_t STOP)`` with z = ``rows[b]``, float32 ``[len(pairs)]``.
+        """
+        B, n = len(rows), len(pairs)
+        pad = self.tokenizer.pad_token_id or 0
+        b_idx = torch.tensor([b for b, _ in pairs], dtype=torch.long)
+        prefix = torch.tensor([t for _, t in pairs], dtype=torch.long)
         width = max(T, 1)  # every call below runs whatever the data (ZeRO-3: same calls)
         tokens = torch.full((B, width), pad)
         for b, row in enumerate(rows):
             tokens[b, : len(row)] = torch.tensor(row, dtype=tokens.dtype)
-        suffix = torch.cat([torch.tensor([self.termination_token_id]), answer])  # STOP Y
+        A = max(a.numel() for a in answers)
+        # STOP Y, right-padded (causal: padding after Y changes nothing before it)
+        suffix = torch.full((n, 1 + A), pad)
+        suffix[:, 0] = self.termination_token_id
+        lengths = torch.tensor([a.numel() for a in answers])
+        for i, a in enumerate(answers):
+            suffix[i, 1 : 1 + a.numel()] = a
         with self._frozen_reward_lm() as (model, dev):
             decoder, kw = model.get_decoder(), cache_kwarg(model)
             prompt = self.prompt_tokens(prompt_index).to(dev)
@@ -137,8 +171,8 @@ class LatentReasoningTask(ContinuationTask):
             # 1. the KV cache of X z_1..z_T for every row (the prompt once, expanded)
             cache = expand_cache(output_cache(decoder(input_ids=prompt[None], use_cache=True)), B)
             cache = output_cache(decoder(input_ids=tokens.to(dev), use_cache=True, **{kw: cache}))
-            # 2. one copy of its row's cache per (row, t) pair, cut to X z_1..z_t by the
-            #    attention mask (cache positions P + t .. P + width - 1 hidden)
+            # 2. one copy of its row's cache per pair, cut to X z_1..z_t by the attention
+            #    mask (cache positions P + t .. P + width - 1 hidden)
             select = b_idx.to(dev)
             for layer in cache.layers:
                 layer.keys = layer.keys.index_select(0, select)
@@ -149,7 +183,7 @@ class LatentReasoningTask(ContinuationTask):
             positions = P + prefix[:, None] + torch.arange(1 + A)  # right after z_1..z_t
             # 3. STOP Y after each prefix: the state after STOP Y_<k predicts Y_k
             h = decoder(
-                input_ids=suffix.to(dev).expand(len(pairs), 1 + A),
+                input_ids=suffix.to(dev),
                 attention_mask=visible.to(dev, torch.long),
                 position_ids=positions.to(dev),
                 use_cache=True,
@@ -158,13 +192,12 @@ class LatentReasoningTask(ContinuationTask):
             logp, _ = head_logprobs(
                 model,
                 h.reshape(-1, h.shape[-1]),
-                answer.to(dev).repeat(len(pairs)),
+                suffix[:, 1:].reshape(-1).to(dev),
                 [],
                 use_fused=self.use_fused,
             )
-        out = torch.zeros(B, T + 1)
-        out[b_idx, prefix] = logp.view(len(pairs), A).sum(1).float().cpu()
-        return out
+        inside = torch.arange(A)[None] < lengths[:, None]
+        return torch.where(inside, logp.float().cpu().view(n, A), 0.0).sum(1)
 
     def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
         """``log p_LM(z_1..z_t STOP | X) + log p_LM(Y | X z_1..z_t STOP)``, ``[len(rows), T+1]``
