@@ -362,13 +362,11 @@ class Trainer:
         log Z that minimises the squared TB residual of the initial policy, averaged over the
         ranks. Far-off initial values (rewards of -50 nats against log Z = 0) otherwise let the
         policy balance the flows by never terminating instead of by moving log Z."""
+        import fastgfn
+
         with torch.no_grad():
-            T = log_pf.shape[1]
-            inside = torch.arange(T, device=log_pf.device)[None] < lengths[:, None]
-            log_q = torch.where(inside, log_pf, 0.0).sum(1)
-            log_q = log_q + log_pterm.gather(1, lengths[:, None]).squeeze(1)
-            log_R = log_r.gather(1, lengths[:, None]).squeeze(1)
-            value = self.engine.log_z.reset((log_R - log_q).mean())
+            ratio = fastgfn.trajectory_log_ratio(log_pf, log_pterm, log_r, lengths)  # log q/R
+            value = self.engine.log_z.reset(-ratio.mean())
         self._log_z_set = True
         if self.is_main:
             print(f"fastgfn: log Z initialised to {value:.3f} from the first batch")
