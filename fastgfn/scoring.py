@@ -72,16 +72,19 @@ def head_logprobs(model, hidden, target, extra_ids, *, temperature=1.0, vocab_bi
     return logp.gather(1, target.clamp_min(0)[:, None]).squeeze(1), logp[:, list(extra_ids)]
 
 
-def hidden_states(model, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Final hidden states at states s_0..s_T: ``[B, T+1, H]``. The prompt (1-D) runs once."""
+def hidden_states(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, *,
+                  return_cache: bool = False):
+    """Final hidden states at states s_0..s_T: ``[B, T+1, H]``. The prompt (1-D) runs once.
+    With ``return_cache``: ``(hidden, cache)``, the KV cache of prompt + tokens per row."""
     decoder = model.get_decoder()
     B = tokens.shape[0]
     out = decoder(input_ids=prompt_ids[None], use_cache=True)
     h0 = out.last_hidden_state[:, -1:]  # [1, 1, H]: state s_0
     cache = expand_cache(output_cache(out), B)
     kw = cache_kwarg(model)
-    h = decoder(input_ids=tokens, use_cache=True, **{kw: cache}).last_hidden_state
-    return torch.cat([h0.expand(B, 1, h0.shape[-1]), h], dim=1)
+    out = decoder(input_ids=tokens, use_cache=True, **{kw: cache})
+    h = torch.cat([h0.expand(B, 1, h0.shape[-1]), out.last_hidden_state], dim=1)
+    return (h, output_cache(out)) if return_cache else h
 
 
 def gfn_logprobs(
@@ -98,8 +101,24 @@ def gfn_logprobs(
 
     Entries past a row's length are computed on padding and must be masked by the loss.
     """
-    B, T = tokens.shape
     h = hidden_states(model, prompt_ids, tokens)  # [B, T+1, H]
+    return gfn_logprobs_from_hidden(model, h, tokens, termination_token_id,
+                                    temperature=temperature, vocab_bias=vocab_bias,
+                                    use_fused=use_fused)
+
+
+def gfn_logprobs_from_hidden(
+    model,
+    h: torch.Tensor,
+    tokens: torch.Tensor,
+    termination_token_id: int,
+    *,
+    temperature: float = 1.0,
+    vocab_bias: torch.Tensor | None = None,
+    use_fused: bool = True,
+):
+    """:func:`gfn_logprobs` from the hidden states ``h [B, T+1, H]`` of :func:`hidden_states`."""
+    B, T = tokens.shape
     H = h.shape[-1]
     target = torch.cat([tokens, tokens.new_zeros(B, 1)], dim=1)  # last state has no next token
     tgt, ext = head_logprobs(

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fastgfn.replay import ReplayBuffer
-from fastgfn.scoring import gfn_logprobs
+from fastgfn.scoring import gfn_logprobs_from_hidden, hidden_states
 
 
 class ContinuationTask:
@@ -164,27 +164,40 @@ class ContinuationTask:
         reward temperature; the trainer does that). Entries past a row's length are computed
         on padding and must be masked by the loss."""
         self._check_rows(prompt_index, rows, T)
+        tokens = self._padded_rows(rows, T)
+        with self._frozen_reward_lm() as (model, dev):
+            tokens = tokens.to(dev)
+            h = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens)
+            return self._prefix_log_rewards(model, h, tokens, T)
+
+    def _padded_rows(self, rows: list[list[int]], T: int) -> torch.Tensor:
+        """``rows`` right-padded to ``[len(rows), max(T, 1)]``: at least one column (causal:
+        a padding column after the last state changes no reward), so the reward LM runs
+        the same calls whatever the data (ZeRO-3)."""
         pad = self.tokenizer.pad_token_id or 0
-        tokens, _ = ReplayBuffer.to_tensors(rows, pad)  # at least one column (causal: a
-        width = max(T, 1)  # padding column after the last state changes no reward)
+        tokens, _ = ReplayBuffer.to_tensors(rows, pad)
+        width = max(T, 1)
         if tokens.shape[1] < width:
             tokens = torch.cat(
                 [tokens, tokens.new_full((len(rows), width - tokens.shape[1]), pad)], 1
             )
+        return tokens[:, :width]
+
+    def _prefix_log_rewards(self, model, h, tokens, T: int) -> torch.Tensor:
+        """``log p_LM(z_1..z_t STOP | X)`` (float32 on the CPU, ``[B, T + 1]``) from the reward
+        LM's hidden states ``h`` at the states of ``tokens`` (illegal tokens biased)."""
         bias = self.vocab_bias()
-        with self._frozen_reward_lm() as (model, dev):
-            log_pf, log_pterm = gfn_logprobs(
-                model,
-                self.prompt_tokens(prompt_index).to(dev),
-                tokens[:, :width].to(dev),
-                self.termination_token_id,
-                vocab_bias=None if bias is None else bias.to(dev),
-                use_fused=self.use_fused,
-            )
+        log_pf, log_pterm = gfn_logprobs_from_hidden(
+            model,
+            h,
+            tokens,
+            self.termination_token_id,
+            vocab_bias=None if bias is None else bias.to(h.device),
+            use_fused=self.use_fused,
+        )
         # log p(z_1..z_t STOP | X) = sum_{k<t} log p(z_{k+1} | s_k) + log p(STOP | s_t)
-        cum = torch.cat([log_pf.new_zeros(len(rows), 1), log_pf.cumsum(1)], dim=1)
-        out = (cum + log_pterm)[:, : T + 1]
-        return out.float().cpu()
+        cum = torch.cat([log_pf.new_zeros(len(tokens), 1), log_pf.cumsum(1)], dim=1)
+        return (cum + log_pterm)[:, : T + 1].float().cpu()
 
     @torch.no_grad()
     def sample_log_rewards(

@@ -11,13 +11,13 @@ policy with its adapters off). Modified SubTB needs the reward of stopping at ev
 
     log R(z_1..z_t STOP) = log p_LM(z_1..z_t STOP | X) + log p_LM(Y | X z_1..z_t STOP),
 
-t = 0..len(z). The first term is the continuation task's (one teacher-forced pass). The second
-reuses the KV cache of X z_1..z_T: each row's cache is copied once per prefix t, the
-attention mask hides its positions past X z_1..z_t, and only the 1 + |Y| tokens STOP Y run,
-at positions |X| + t onwards, for all (row, prefix) pairs in one batch. The answer tokens'
-log-probs come through the fused lm_head op at the |Y| states that predict them, so no
-[*, V] logits exist. The decoder calls (prompt, rationales, suffixes) are the same whatever
-the data, so every ZeRO-3 rank makes the same calls.
+t = 0..len(z). One teacher-forced pass over X z_1..z_T gives both terms: its hidden states
+give the first (as in the continuation task), its KV cache the second. Each row's cache is
+copied once per prefix t, the attention mask hides its positions past X z_1..z_t, and only
+the 1 + |Y| tokens STOP Y run, at positions |X| + t onwards, for all (row, prefix) pairs in
+one batch. The answer tokens' log-probs come through the fused lm_head op at the |Y| states
+that predict them, so no [*, V] logits exist. The decoder calls (prompt, rationales,
+suffixes) are the same whatever the data, so every ZeRO-3 rank makes the same calls.
 
 Illegal tokens in the rationale are handled as in the continuation task (``illegal_token_bias``
 on the reward LM's rationale logits, restricted exploration through ``allowed_token_ids``); the
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from fastgfn.sampler import cache_kwarg, expand_cache, output_cache
-from fastgfn.scoring import head_logprobs
+from fastgfn.sampler import cache_kwarg
+from fastgfn.scoring import head_logprobs, hidden_states
 from fastgfn.tasks.continuation import ContinuationTask
 
 
@@ -124,12 +124,28 @@ class LatentReasoningTask(ContinuationTask):
     def answer_log_likelihood(self, prompt_index: int, rows: list[list[int]], T: int):
         """``[len(rows), T + 1]`` float32: entry ``[b, t]`` is ``log p_LM(Y | X z_1..z_t
         STOP)`` for the first t tokens of ``rows[b]``; 0 past a row's length."""
+        return self._scores(prompt_index, rows, T, with_rationale=False)
+
+    @torch.no_grad()
+    def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
+        """``log p_LM(z_1..z_t STOP | X) + log p_LM(Y | X z_1..z_t STOP)``, ``[len(rows), T+1]``
+        (not divided by the reward temperature; entries past a row's length are masked by the
+        loss). One pass over the rationales serves both terms."""
+        return self._scores(prompt_index, rows, T, with_rationale=True)
+
+    def _scores(self, prompt_index, rows, T, with_rationale: bool) -> torch.Tensor:
         self._check_rows(prompt_index, rows, T)
         pairs = [(b, t) for b, row in enumerate(rows) for t in range(len(row) + 1)]
         answer = self.answer_tokens(prompt_index)
-        ll = self._suffix_log_likelihood(prompt_index, rows, T, pairs, [answer] * len(pairs))
         out = torch.zeros(len(rows), T + 1)
-        out[torch.tensor([b for b, _ in pairs]), torch.tensor([t for _, t in pairs])] = ll
+        with self._frozen_reward_lm() as (model, dev):
+            tokens = self._padded_rows(rows, T).to(dev)
+            h, cache = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens,
+                                     return_cache=True)
+            if with_rationale:
+                out += self._prefix_log_rewards(model, h, tokens, T)
+            ll = self._suffix_log_likelihood(model, cache, tokens, pairs, [answer] * len(pairs))
+        out[torch.tensor([b for b, _ in pairs]), torch.tensor([t for _, t in pairs])] += ll
         return out
 
     @torch.no_grad()
@@ -142,21 +158,22 @@ class LatentReasoningTask(ContinuationTask):
         ids = [self._encode_answer(self.answer_template.format(answer=c), "choices")
                for c in choices]
         pairs = [(b, len(row)) for b, row in enumerate(rows) for _ in choices]
-        ll = self._suffix_log_likelihood(prompt_index, rows, T, pairs, ids * len(rows))
+        with self._frozen_reward_lm() as (model, dev):
+            tokens = self._padded_rows(rows, T).to(dev)
+            _, cache = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens,
+                                     return_cache=True)
+            ll = self._suffix_log_likelihood(model, cache, tokens, pairs, ids * len(rows))
         return ll.view(len(rows), len(choices))
 
-    def _suffix_log_likelihood(self, prompt_index, rows, T, pairs, answers) -> torch.Tensor:
+    def _suffix_log_likelihood(self, model, cache, tokens, pairs, answers) -> torch.Tensor:
         """For each pair ``(b, t)`` with its answer ids ``Y`` (``answers[i]``, lengths may
-        differ): ``log p_LM(Y | X z_1..z_t STOP)`` with z = ``rows[b]``, float32 ``[len(pairs)]``.
-        """
-        B, n = len(rows), len(pairs)
+        differ): ``log p_LM(Y | X z_1..z_t STOP)``, float32 ``[len(pairs)]`` on the CPU, from
+        ``cache``, the reward LM's KV cache of X ``tokens[b]`` (``tokens``: the padded
+        rationales, ``[B, width]``); the cache is consumed."""
+        dev, n, width = tokens.device, len(pairs), tokens.shape[1]
         pad = self.tokenizer.pad_token_id or 0
         b_idx = torch.tensor([b for b, _ in pairs], dtype=torch.long)
         prefix = torch.tensor([t for _, t in pairs], dtype=torch.long)
-        width = max(T, 1)  # every call below runs whatever the data (ZeRO-3: same calls)
-        tokens = torch.full((B, width), pad)
-        for b, row in enumerate(rows):
-            tokens[b, : len(row)] = torch.tensor(row, dtype=tokens.dtype)
         A = max(a.numel() for a in answers)
         # STOP Y, right-padded (causal: padding after Y changes nothing before it)
         suffix = torch.full((n, 1 + A), pad)
@@ -164,45 +181,31 @@ class LatentReasoningTask(ContinuationTask):
         lengths = torch.tensor([a.numel() for a in answers])
         for i, a in enumerate(answers):
             suffix[i, 1 : 1 + a.numel()] = a
-        with self._frozen_reward_lm() as (model, dev):
-            decoder, kw = model.get_decoder(), cache_kwarg(model)
-            prompt = self.prompt_tokens(prompt_index).to(dev)
-            P = prompt.numel()
-            # 1. the KV cache of X z_1..z_T for every row (the prompt once, expanded)
-            cache = expand_cache(output_cache(decoder(input_ids=prompt[None], use_cache=True)), B)
-            cache = output_cache(decoder(input_ids=tokens.to(dev), use_cache=True, **{kw: cache}))
-            # 2. one copy of its row's cache per pair, cut to X z_1..z_t by the attention
-            #    mask (cache positions P + t .. P + width - 1 hidden)
-            select = b_idx.to(dev)
-            for layer in cache.layers:
-                layer.keys = layer.keys.index_select(0, select)
-                layer.values = layer.values.index_select(0, select)
-            L = P + width
-            cols = torch.arange(L + 1 + A)
-            visible = (cols[None] < P + prefix[:, None]) | (cols[None] >= L)
-            positions = P + prefix[:, None] + torch.arange(1 + A)  # right after z_1..z_t
-            # 3. STOP Y after each prefix: the state after STOP Y_<k predicts Y_k
-            h = decoder(
-                input_ids=suffix.to(dev),
-                attention_mask=visible.to(dev, torch.long),
-                position_ids=positions.to(dev),
-                use_cache=True,
-                **{kw: cache},
-            ).last_hidden_state[:, :A]
-            logp, _ = head_logprobs(
-                model,
-                h.reshape(-1, h.shape[-1]),
-                suffix[:, 1:].reshape(-1).to(dev),
-                [],
-                use_fused=self.use_fused,
-            )
+        # one copy of its row's cache per pair, cut to X z_1..z_t by the attention mask
+        # (cache positions P + t .. P + width - 1 hidden)
+        select = b_idx.to(dev)
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, select)
+            layer.values = layer.values.index_select(0, select)
+        L = cache.get_seq_length()  # P + width
+        P = L - width
+        cols = torch.arange(L + 1 + A)
+        visible = (cols[None] < P + prefix[:, None]) | (cols[None] >= L)
+        positions = P + prefix[:, None] + torch.arange(1 + A)  # right after z_1..z_t
+        # STOP Y after each prefix: the state after STOP Y_<k predicts Y_k
+        h = model.get_decoder()(
+            input_ids=suffix.to(dev),
+            attention_mask=visible.to(dev, torch.long),
+            position_ids=positions.to(dev),
+            use_cache=True,
+            **{cache_kwarg(model): cache},
+        ).last_hidden_state[:, :A]
+        logp, _ = head_logprobs(
+            model,
+            h.reshape(-1, h.shape[-1]),
+            suffix[:, 1:].reshape(-1).to(dev),
+            [],
+            use_fused=self.use_fused,
+        )
         inside = torch.arange(A)[None] < lengths[:, None]
         return torch.where(inside, logp.float().cpu().view(n, A), 0.0).sum(1)
-
-    def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
-        """``log p_LM(z_1..z_t STOP | X) + log p_LM(Y | X z_1..z_t STOP)``, ``[len(rows), T+1]``
-        (not divided by the reward temperature; entries past a row's length are masked by the
-        loss)."""
-        return super().log_rewards(prompt_index, rows, T) + self.answer_log_likelihood(
-            prompt_index, rows, T
-        )
