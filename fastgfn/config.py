@@ -267,14 +267,12 @@ def validate(cfg: Config) -> Config:
     if cfg.task == "reasoning":
         if not cfg.data_path:
             raise ConfigError("data_path: the reasoning task needs a .json or .jsonl data file")
-        if "{question}" not in cfg.prompt_template:
-            raise ConfigError(
-                f"prompt_template: must contain {{question}}, got {cfg.prompt_template!r}"
-            )
-        if "{answer}" not in cfg.answer_template:
-            raise ConfigError(
-                f"answer_template: must contain {{answer}}, got {cfg.answer_template!r}"
-            )
+        from fastgfn.tasks.reasoning import check_templates
+
+        try:
+            check_templates(cfg.prompt_template, cfg.answer_template)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if not isinstance(cfg.reward_model, str) or not cfg.reward_model:
         raise ConfigError(
             f"reward_model: must be 'initial' or a model name, directory or .gguf file, got "

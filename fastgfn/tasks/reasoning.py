@@ -61,6 +61,14 @@ def load_examples(path: str | Path, question_key: str, answer_key: str):
     return [str(x[question_key]) for x in items], [str(x[answer_key]) for x in items]
 
 
+def check_templates(prompt_template: str, answer_template: str) -> None:
+    """Each template must have its slot: ``{question}`` and ``{answer}``."""
+    if "{question}" not in prompt_template:
+        raise ValueError(f"prompt_template: must contain {{question}}, got {prompt_template!r}")
+    if "{answer}" not in answer_template:
+        raise ValueError(f"answer_template: must contain {{answer}}, got {answer_template!r}")
+
+
 class LatentReasoningTask(ContinuationTask):
     name = "reasoning"
 
@@ -79,10 +87,7 @@ class LatentReasoningTask(ContinuationTask):
             raise ValueError(
                 f"answers: need one per question ({len(questions)}), got {len(answers)}"
             )
-        if "{question}" not in prompt_template:
-            raise ValueError(f"prompt_template: must contain {{question}}, got {prompt_template!r}")
-        if "{answer}" not in answer_template:
-            raise ValueError(f"answer_template: must contain {{answer}}, got {answer_template!r}")
+        check_templates(prompt_template, answer_template)
         prompts = [prompt_template.format(question=q) for q in questions]
         super().__init__(tokenizer, prompts, reward_model, **kwargs)
         self.answers = list(answers)
