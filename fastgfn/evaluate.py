@@ -25,17 +25,7 @@ def sample_texts(engine, task, cfg, n: int, generator: torch.Generator, progress
     with engine.param_context():
         while done < per_rank:
             b = min(cfg.eval_batch_size, per_rank - done)
-            prompt = task.prompt_tokens((done // b) % task.num_prompts()).to(engine.device)
-            r = sample(
-                model,
-                prompt,
-                b,
-                max_new_tokens=cfg.max_new_tokens,
-                min_new_tokens=cfg.min_new_tokens,
-                termination_token_id=task.termination_token_id,
-                pad_token_id=_pad(task),
-                generator=generator,
-            )
+            r = _policy_samples(engine, task, cfg, (done // b) % task.num_prompts(), b, generator)
             texts += [task.text(x) for x in r.rows()]
             terms += r.terminated.tolist()
             done += b
@@ -48,6 +38,21 @@ def sample_texts(engine, task, cfg, n: int, generator: torch.Generator, progress
         texts = [t for g in gathered for t in g[0]]
         terms = [t for g in gathered for t in g[1]]
     return texts[:n], terms[:n]
+
+
+def _policy_samples(engine, task, cfg, prompt_index: int, n: int, generator):
+    """``n`` continuations of prompt ``prompt_index`` from the policy as it is (temperature 1,
+    no exploration, no vocabulary bias), within the run's length limits."""
+    return sample(
+        engine.module,
+        task.prompt_tokens(prompt_index).to(engine.device),
+        n,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        termination_token_id=task.termination_token_id,
+        pad_token_id=_pad(task),
+        generator=generator,
+    )
 
 
 def _pad(task) -> int:
@@ -121,16 +126,7 @@ def answer_accuracy(engine, task, cfg, generator) -> dict:
         real = i < n
         i = i % n  # padding: a repeat that is not counted
         with engine.param_context():
-            r = sample(
-                model,
-                task.prompt_tokens(i).to(engine.device),
-                cfg.eval_rationales,
-                max_new_tokens=cfg.max_new_tokens,
-                min_new_tokens=cfg.min_new_tokens,
-                termination_token_id=task.termination_token_id,
-                pad_token_id=_pad(task),
-                generator=generator,
-            )
+            r = _policy_samples(engine, task, cfg, i, cfg.eval_rationales, generator)
         ll = task.choice_log_likelihoods(i, r.rows(), choices)  # [rationales, C]
         pred = int(ll.log_softmax(1).exp().mean(0).argmax())
         zero = int(task.choice_log_likelihoods(i, [[]], choices)[0].argmax())
