@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from fastgfn.engine import world_size
+from fastgfn.engine import rank, world_size
 from fastgfn.sampler import sample
 from fastgfn.scoring import gfn_logprobs
 
@@ -116,13 +116,13 @@ def answer_accuracy(engine, task, cfg, generator) -> dict:
     choices = task.choices
     n = task.num_prompts() if cfg.eval_questions <= 0 else min(cfg.eval_questions,
                                                                 task.num_prompts())
-    world, rank = world_size(), (torch.distributed.get_rank() if world_size() > 1 else 0)
+    world = world_size()
     per_rank = math.ceil(n / world)
     counts = torch.zeros(3, dtype=torch.float64)  # questions, correct, zero-shot correct
     was_training = model.training
     model.eval()
     for j in range(per_rank):
-        i = rank * per_rank + j
+        i = rank() * per_rank + j
         real = i < n
         i = i % n  # padding: a repeat that is not counted
         with engine.param_context():

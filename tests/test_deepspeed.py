@@ -281,8 +281,8 @@ def test_frozen_reward_lm_is_zero3_partitioned(tmp_path):
 def test_reasoning_task_under_zero3(tmp_path):
     """The reasoning task on 2 ZeRO-3 processes that sample different data (rationales of
     different lengths, so different numbers of (row, prefix) pairs per rank): its answer pass
-    makes the same partitioned-LM calls on every rank (no hang), and log Z set from the first
-    batch is averaged over the ranks."""
+    makes the same partitioned-LM calls on every rank (no hang), log Z set from the first
+    batch is averaged over the ranks, and the answer accuracy counts each question once."""
     data = tmp_path / "data.jsonl"
     data.write_text('{"question": "1+2", "answer": "3"}\n{"question": "4-1", "answer": "3"}\n')
     extra = [
@@ -294,10 +294,18 @@ def test_reasoning_task_under_zero3(tmp_path):
         "loss=subtb",
         "log_z_auto_init=true",
         "same_data_all_ranks=false",
+        "eval_samples=4",
+        "eval_rationales=2",
+        "eval_questions=3",
     ]
     res = _launch(_ds(3), tmp_path / "run", extra)
     losses = _losses(tmp_path / "run")
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    # answer accuracy: 2 questions over 2 ranks (one each, the padding repeat not counted)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval_after/answer_questions" in x]
+    assert len(evals) == 1 and evals[0]["eval_after/answer_questions"] == 2
+    assert evals[0]["eval_after/answer_accuracy"] in (0.0, 0.5, 1.0)
     # rank 0 reports the value averaged over the ranks
     assert (res.stdout + res.stderr).count("log Z initialised to") == 1
 
