@@ -77,7 +77,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastgfn", "fastgfn.*"]) + ["fastgfn.kernels"],
     package_dir={"fastgfn.kernels": "kernels"},
-    package_data={"fastgfn.kernels": ["cpu/*.cpp", "cpu/*.h"], "fastgfn": ["configs/*.yaml"]},
+    package_data={
+        "fastgfn.kernels": ["cpu/*.cpp", "cpu/*.h"],
+        "fastgfn": ["configs/*.yaml", "configs/*.json", "data/README.md",
+                    "data/gfn-lm-tuning/LICENSE", "data/gfn-lm-tuning/*/*"],
+    },
     ext_modules=[CMakeExtension("fastgfn._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch==2.13.0", "numpy"],

@@ -109,7 +109,7 @@ def subtb_python_loop(log_pf, log_pterm, log_r, lengths, lam=1.0):
 
 
 def paper_step(policy, reward_model, opt, prompt, B, T, term, gen):
-    from fastgfn.sampler import cache_kwarg, output_cache
+    from fastgfn.trainer.kv_cache import cache_kwarg, output_cache
 
     kw = cache_kwarg(policy)
     ids = prompt[None].expand(B, -1).contiguous()
@@ -150,8 +150,8 @@ def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=Non
     """One fastgfn step; ``phases`` (a dict of lists), when given, receives each phase's
     seconds (clock reads only, no synchronisation added)."""
     import fastgfn
-    from fastgfn.sampler import sample
-    from fastgfn.scoring import frozen_prefix_logrewards, gfn_logprobs
+    from fastgfn.trainer.sampling.sampler import sample
+    from fastgfn.trainer.scoring import frozen_prefix_logrewards, gfn_logprobs
 
     clock = [time.perf_counter()]
 
@@ -188,8 +188,8 @@ def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=Non
 
 
 def worker(method: str, args) -> dict:
-    from fastgfn.config import load_config
-    from fastgfn.models import load_model
+    from fastgfn.trainer import load_config
+    from fastgfn.trainer.models import load_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -206,7 +206,7 @@ def worker(method: str, args) -> dict:
     if method == "paper":
         step = paper_step
     else:
-        from fastgfn.sampler import SamplingReplica
+        from fastgfn.trainer.sampling.replica import SamplingReplica
 
         replica = None
         if args.sample_dtype != "model":

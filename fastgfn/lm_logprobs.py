@@ -1,15 +1,20 @@
-"""Per-token log-probs of a Hugging Face causal LM through the fused lm_head op.
+"""Per-token log-probs of a Hugging Face causal LM: hidden states -> (log_pf, log_pterm).
 
 :func:`lm_head_logprobs` applies a model's own output layer -- its lm_head weight (tied to the
 input embeddings or not), its bias if any, its final logit softcapping (Gemma 2/3) and its
-logit scaling (Cohere ``logit_scale``, Granite ``logits_scaling``) -- to hidden states through
-:func:`fastgfn.linear_token_logprobs`, so the ``[tokens, vocab]`` logits are never formed.
+logit scaling (Cohere ``logit_scale``, Granite ``logits_scaling``) -- to hidden states. Fused
+(the default) it goes through :func:`fastgfn.linear_token_logprobs`, so the ``[tokens,
+vocab]`` logits are never formed; unfused (``fused=False``, or an lm_head weight that
+DeepSpeed ZeRO-3 has partitioned) it calls the lm_head module and then
+:func:`fastgfn.token_logprobs` on its logits. Either way the softmax maths is the op's.
 
-:func:`causal_lm_gfn_logprobs` gives the two per-position inputs of the GFlowNet losses
-(DESIGN.md §2.3) for ``prompt + generated`` ids: ``log_pf[:, t]``, the log-prob of generated
-token t, and ``log_pterm[:, t]``, the log-prob of the termination token after t generated
-tokens. It runs the model body once and the output layer only on the T + 1 positions that
-predict a generated token or termination.
+:func:`gfn_logprobs_from_hidden` gives the two per-position inputs of the GFlowNet losses
+(docs/MATH.md §4) from the final hidden states at the states s_0..s_T of a continuation:
+``log_pf[:, t]``, the log-prob of generated token t + 1, and ``log_pterm[:, t]``, the log-prob
+of the termination token at s_t. :func:`causal_lm_gfn_logprobs` runs the model body once over
+``prompt + generated`` ids and hands the T + 1 states that predict a generated token or
+termination to it. (The training engine's scoring computes the states with the prompt run
+once for the whole batch, then calls the same function.)
 
 transformers is never imported here: any model object with ``get_output_embeddings()``,
 ``base_model`` and ``config`` works.
@@ -19,9 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from fastgfn.ops.logprobs import TokenLogProbs, linear_token_logprobs
+from fastgfn.ops.logprobs import TokenLogProbs, linear_token_logprobs, token_logprobs
 
-__all__ = ["causal_lm_gfn_logprobs", "lm_head_logprobs", "output_layer_spec"]
+__all__ = [
+    "causal_lm_gfn_logprobs",
+    "gfn_logprobs_from_hidden",
+    "lm_head_logprobs",
+    "output_layer_spec",
+]
 
 
 def _text_config(config):
@@ -65,34 +75,61 @@ def lm_head_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_lse: bool = False,
+    fused: bool = True,
     backend: str = "auto",
 ) -> TokenLogProbs:
     """Log-probs under ``model``'s output layer for final hidden states ``hidden [..., H]``.
 
-    Equivalent to ``log_softmax(model.lm_head(hidden) [softcapped, scaled] / temperature +
-    vocab_bias)`` gathered at ``target`` and ``extra_ids``, without the ``[..., V]`` logits.
+    Equivalent to ``log_softmax(model.lm_head(hidden) [scaled, softcapped] / temperature +
+    vocab_bias)`` gathered at ``target`` and ``extra_ids``. ``fused=True`` never forms the
+    ``[..., V]`` logits; ``fused=False``, or an lm_head weight partitioned by DeepSpeed ZeRO-3
+    (which only the module's own forward gathers), materialises them through the module.
     """
     spec = output_layer_spec(model)
     weight, bias = spec["weight"], spec["bias"]
+    options = dict(temperature=temperature, vocab_bias=vocab_bias, softcap=spec["softcap"],
+                   ignore_index=ignore_index, return_entropy=return_entropy,
+                   return_lse=return_lse, backend=backend)
+    if not fused or getattr(weight, "ds_numel", None) is not None:
+        logits = model.get_output_embeddings()(hidden)
+        if spec["scale"] != 1.0:
+            logits = logits * spec["scale"]
+        return token_logprobs(logits, target, extra_ids, **options)
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     if spec["scale"] != 1.0:  # s (h W^T + b) = (s h) W^T + s b: scale the small operands
         hidden = hidden * spec["scale"]
         bias = bias * spec["scale"] if bias is not None else None
-    return linear_token_logprobs(
-        hidden,
-        weight,
-        target,
-        bias,
-        extra_ids,
-        temperature=temperature,
-        vocab_bias=vocab_bias,
-        softcap=spec["softcap"],
-        ignore_index=ignore_index,
-        return_entropy=return_entropy,
-        return_lse=return_lse,
-        backend=backend,
-    )
+    return linear_token_logprobs(hidden, weight, target, bias, extra_ids, **options)
+
+
+def gfn_logprobs_from_hidden(
+    model,
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    termination_token_id: int,
+    *,
+    temperature: float = 1.0,
+    vocab_bias: torch.Tensor | None = None,
+    fused: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_pf [B, T], log_pterm [B, T + 1])`` from the final hidden states ``hidden [B, T + 1,
+    H]`` at the states s_0..s_T of the generated ``tokens [B, T]`` (``hidden[:, t]`` is the
+    state after t generated tokens). Entries past a row's length are computed on whatever the
+    padding holds; the losses never read them."""
+    B, T = tokens.shape
+    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (B, T + 1):
+        raise ValueError(
+            f"hidden must have shape ({B}, {T + 1}, H) for tokens of shape {(B, T)}, got "
+            f"{tuple(hidden.shape)}"
+        )
+    ignore = -100  # the last state predicts no generated token, only termination
+    target = torch.cat([tokens, tokens.new_full((B, 1), ignore)], dim=1)
+    out = lm_head_logprobs(model, hidden, target, [int(termination_token_id)],
+                           temperature=temperature, vocab_bias=vocab_bias, ignore_index=ignore,
+                           fused=fused, backend=backend)
+    return out.logp[:, :T], out.extra[..., 0]
 
 
 def _body_hidden_states(model, input_ids, attention_mask):
@@ -115,6 +152,7 @@ def causal_lm_gfn_logprobs(
     *,
     temperature: float = 1.0,
     vocab_bias: torch.Tensor | None = None,
+    fused: bool = True,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log_pf [B, T], log_pterm [B, T + 1])`` for ``input_ids [B, prompt_len + T]``.
@@ -136,22 +174,8 @@ def causal_lm_gfn_logprobs(
         raise ValueError(
             f"attention_mask must have shape {(B, L)}, got {tuple(attention_mask.shape)}"
         )
-    T = L - prompt_len
     hidden = _body_hidden_states(model, input_ids, attention_mask)
-    # hidden[:, j] predicts token j + 1: positions prompt_len - 1 .. L - 1 predict the T
-    # generated tokens and, at every one of those T + 1 states, termination.
-    states = hidden[:, prompt_len - 1 :]
-    ignore = -100
-    target = torch.full((B, T + 1), ignore, dtype=torch.long, device=input_ids.device)
-    target[:, :T] = input_ids[:, prompt_len:]
-    out = lm_head_logprobs(
-        model,
-        states,
-        target,
-        [int(termination_token_id)],
-        temperature=temperature,
-        vocab_bias=vocab_bias,
-        ignore_index=ignore,
-        backend=backend,
-    )
-    return out.logp[:, :T], out.extra[..., 0]
+    # hidden[:, j] predicts token j + 1: positions prompt_len - 1 .. L - 1 are the T + 1 states
+    return gfn_logprobs_from_hidden(model, hidden[:, prompt_len - 1 :], input_ids[:, prompt_len:],
+                                    termination_token_id, temperature=temperature,
+                                    vocab_bias=vocab_bias, fused=fused, backend=backend)

@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastgfn.engine import shutdown_distributed  # noqa: E402
-from fastgfn.train import Trainer, build_config, parse_args  # noqa: E402
+from fastgfn.train import build_config, parse_args
+from fastgfn.trainer import Trainer  # noqa: E402
+from fastgfn.trainer.engines.distributed import shutdown_distributed  # noqa: E402
 
 
 def _write(out: Path, name: str, obj) -> None:
@@ -35,7 +36,8 @@ def reward(tr: Trainer, out: Path) -> None:
     import copy
     import dataclasses
 
-    from fastgfn.models import build_tiny
+    from fastgfn.trainer.models import build_tiny
+    from fastgfn.trainer.reward_model import RewardLM, build_reward_lm
 
     task, r = tr.task, tr.rank
     ref_model, _ = build_tiny(tr.cfg)  # the initial weights, whole, never trained
@@ -45,7 +47,7 @@ def reward(tr: Trainer, out: Path) -> None:
     T = max(len(x) for x in rows)
 
     ref_task = copy.copy(task)  # the same task scored by the unsharded copy
-    ref_task.reward_model = ref_model
+    ref_task.reward = RewardLM(ref_model)
 
     def compare():
         got = task.log_rewards(0, rows, T)
@@ -70,7 +72,7 @@ def reward(tr: Trainer, out: Path) -> None:
     loaded = copy.copy(tr)
     loaded.cfg = dataclasses.replace(tr.cfg, model=str(hf_dir))
     loaded_task = copy.copy(task)
-    loaded_task.reward_model = loaded._frozen_reward_model(None, tr.engine.ds_config)
+    loaded_task.reward = build_reward_lm(loaded.cfg, None, tr.tokenizer, tr.engine.ds_config)
     loaded_shard = [
         [int(p.ds_numel), int(p.ds_tensor.numel()), int(p.numel())]
         for p in loaded_task.reward_model.parameters()
@@ -115,8 +117,8 @@ def resume(tr: Trainer, out: Path) -> None:
             save_file(state, str(out / "resumed_params.safetensors"))
         save_file(
             {
-                "generator": tr.generator.get_state(),
-                "py_rng": torch.tensor(tr.py_rng.getstate()[1], dtype=torch.int64),
+                "generator": tr.streams.generator.get_state(),
+                "py_rng": torch.tensor(tr.streams.py_rng.getstate()[1], dtype=torch.int64),
             },
             str(out / f"resumed_rng_rank{tr.rank}.safetensors"),
         )
@@ -127,10 +129,7 @@ def resume(tr: Trainer, out: Path) -> None:
                 "resumed": ok,
                 "world": tr.world,
                 "step": tr.step,
-                "log_z": float(tr.engine.log_z.param.detach()),
-                "log_z_state": {
-                    k: v for k, v in tr.engine.log_z.state_dict().items() if k == "value"
-                },
+                "log_z": tr.objective.log_z.value(),
                 "buffer": tr.buffer.state_dict(),
                 "lr": tr.engine.lr(),
             },

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-import fastgfn.models as models
-from fastgfn.config import Config, ConfigError, load_config
+import fastgfn.trainer.models as models
+from fastgfn.trainer import Config, ConfigError, load_config
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_unknown_value_names_the_key():
 
 def test_load_model_uses_and_logs_the_choice(caplog):
     cfg = load_config(None, ["model=tiny", "tiny_hidden=32", "tiny_layers=1"])
-    with caplog.at_level(logging.INFO, logger="fastgfn.models"):
+    with caplog.at_level(logging.INFO, logger="fastgfn.trainer.models"):
         model, _ = models.load_model(cfg)
     assert model.config._attn_implementation == "sdpa"  # no flash-attn, no CUDA here
     assert any("attention: sdpa" in r.getMessage() for r in caplog.records)

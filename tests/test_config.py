@@ -1,6 +1,7 @@
 import pytest
 
-from fastgfn.config import Config, ConfigError, load_config, parse_overrides
+from fastgfn.trainer import Config, ConfigError, load_config
+from fastgfn.trainer.config_loading import parse_overrides
 
 
 def test_defaults_are_valid():
@@ -59,21 +60,43 @@ def test_override_syntax():
     assert parse_overrides(["prompt=a=b"]) == {"prompt": "a=b"}
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load_from_any_directory(tmp_path, monkeypatch):
+    """Every shipped config loads by name from an unrelated directory, and its data files
+    (shipped inside the package) resolve to files that exist."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "configs"
-    files = sorted(root.glob("*.yaml"))
-    assert files, "no configs shipped"
+    from fastgfn.trainer.config_loading import PACKAGED_CONFIGS
+
+    files = sorted(PACKAGED_CONFIGS.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"random_number", "continuation", "reasoning_subj"}
+    monkeypatch.chdir(tmp_path)
     for f in files:
-        if "continuation" in f.name:
-            load_config(f, ["data_path=x"])
-        else:
-            load_config(f)
+        for name in (f"configs/{f.name}", f.name, f.stem):
+            cfg = load_config(name)
+            for key in ("data_path", "eval_data_path", "deepspeed_config"):
+                value = getattr(cfg, key)
+                assert value is None or Path(value).is_file(), (name, key, value)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "prompts.txt").write_text("hello\n")
+    (conf / "run.yaml").write_text("task: continuation\ndata_path: prompts.txt\nmodel: tiny\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(conf / "run.yaml").data_path == str(conf / "prompts.txt")
+    # on the command line, relative to the working directory
+    (tmp_path / "mine.txt").write_text("x\n")
+    cfg = load_config(conf / "run.yaml", ["data_path=mine.txt"])
+    assert cfg.data_path == str(tmp_path / "mine.txt")
+    with pytest.raises(ConfigError, match="data_path: no such prompts file"):
+        load_config(conf / "run.yaml", ["data_path=missing.txt"])
+    with pytest.raises(ConfigError, match="config: no such file"):
+        load_config(tmp_path / "nothing.yaml")
 
 
 def test_compile_sampler_needs_a_replica():
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer
 
     cfg = load_config(None, ["model=tiny", "sample_dtype=model", "compile_sampler=true",
                              "output_dir=/tmp/fastgfn_compile_sampler_cfg"])

@@ -7,9 +7,10 @@ import itertools
 import pytest
 import torch
 
-from fastgfn.config import load_config
-from fastgfn.models import build_tiny
-from fastgfn.tasks.continuation import ContinuationTask
+import fastgfn
+from fastgfn.trainer import load_config
+from fastgfn.trainer.models import build_tiny
+from fastgfn.trainer.tasks.continuation import ContinuationTask
 
 
 def _tiny_lm(seed=3, sharpen=1.0):
@@ -67,9 +68,9 @@ def test_prefix_rewards_match_brute_force(lm):
     torch.testing.assert_close(task.log_rewards(0, rows, T), task.log_rewards(0, rows, T))
 
 
-def test_tempered_rewards_in_training_match_brute_force(tmp_path):
+def test_tempered_rewards_in_training_match_brute_force(tmp_path, monkeypatch):
     """The log-rewards the trainer's loss sees are log p_frozen(prefix STOP | X) / T(step)."""
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ab\n")
@@ -82,18 +83,19 @@ def test_tempered_rewards_in_training_match_brute_force(tmp_path):
     ])
     tr = Trainer(cfg)
     seen = []
-    get_batch, compute_loss = tr.get_batch, tr.compute_loss
+    next_batch, subtb_loss = tr.rollouts.next_batch, fastgfn.subtb_loss
 
-    def spy_batch(i):
-        out = get_batch(i)
-        seen.append({"rows": [list(r) for r in out[2]]})
+    def spy_batch():
+        out = next_batch()
+        seen.append({"rows": [list(r) for r in out.rows]})
         return out
 
-    def spy_loss(log_pf, log_pterm, log_r, lengths):
+    def spy_loss(log_pf, log_pterm, log_r, lengths, **kw):  # what the loss kernel receives
         seen[-1].update(log_r=log_r.detach().cpu().double(), lengths=lengths.cpu())
-        return compute_loss(log_pf, log_pterm, log_r, lengths)
+        return subtb_loss(log_pf, log_pterm, log_r, lengths, **kw)
 
-    tr.get_batch, tr.compute_loss = spy_batch, spy_loss
+    tr.rollouts.next_batch = spy_batch
+    monkeypatch.setattr(fastgfn, "subtb_loss", spy_loss)
     tr.run()
     assert len(seen) == 2
     frozen, task = tr.task.reward_model, tr.task
@@ -173,7 +175,7 @@ def _exact_distributions(policy, task, temperature):
     """Over every continuation of 1 or 2 tokens (the termination excluded): the GFlowNet's
     terminating distribution reach(s) * q(STOP | s) of the policy, normalised, and the
     target R(s)^(1/T), normalised, as log-probabilities."""
-    from fastgfn.scoring import gfn_logprobs
+    from fastgfn.trainer.scoring import gfn_logprobs
 
     V, term = policy.config.vocab_size, task.termination_token_id
     toks = [i for i in range(V) if i != term]
@@ -199,7 +201,7 @@ def test_training_learns_the_tempered_target(tmp_path):
     drops by more than half, and the mean log-reward of the policy's own samples rises
     (T < 1 favours likely text). Measured: KL(target||policy) 0.87 -> 0.19, KL(policy||target)
     4.5 -> 0.35, mean log-reward -13.6 -> -7.9 (about 25 s on a 2-core CPU)."""
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer
 
     torch.manual_seed(0)
     prompts = tmp_path / "prompts.txt"
@@ -243,7 +245,7 @@ def test_training_learns_the_tempered_target(tmp_path):
 def test_reward_model_can_be_another_model(tmp_path):
     """reward_model=<directory>: the frozen reward LM is that model, not the policy's copy; a
     model whose vocabulary is smaller than the tokenizer's is refused."""
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer
 
     other, _ = build_tiny(load_config(None, ["model=tiny", "tiny_hidden=32", "tiny_layers=1"]),
                           seed=11)

@@ -96,8 +96,7 @@ def _close(losses, single):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    from fastgfn.config import load_config
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer, load_config
 
     out = tmp_path_factory.mktemp("single")
     Trainer(load_config(None, ARGS + ["steps=6", f"output_dir={out}"])).run()
@@ -205,8 +204,7 @@ def test_checkpoint_of_one_process_resumes_in_two(tmp_path, single, one_process)
 
 
 def test_plain_process_refuses_a_deepspeed_checkpoint(tmp_path, saved):
-    from fastgfn.config import load_config
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer, load_config
 
     out = tmp_path / "run"
     shutil.copytree(saved(2), out)
@@ -219,12 +217,14 @@ def test_deepspeed_engine_refuses_other_stage_or_engine(tmp_path, saved):
     """The checks run before DeepSpeed is touched, so a stand-in engine object will do."""
     from types import SimpleNamespace
 
-    from fastgfn.config import load_config
-    from fastgfn.engine import DeepSpeedEngine, ensure_universal_checkpoint
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer, load_config
+    from fastgfn.trainer.engines.deepspeed_engine import (
+        DeepSpeedEngine,
+        ensure_universal_checkpoint,
+    )
 
     ckpt = saved(2) / "checkpoints" / "step_00000002"
-    zero3 = SimpleNamespace(kind="deepspeed", stage=3)
+    zero3 = SimpleNamespace(kind="deepspeed", zero_stage=3)
     with pytest.raises(ValueError, match="saved under ZeRO-2 but .* ZeRO-3"):
         DeepSpeedEngine.load(zero3, ckpt)
     plain = tmp_path / "plain"
@@ -315,8 +315,7 @@ def test_lora_matches_single_process_and_resumes(tmp_path):
     processes, ZeRO-2 then ZeRO-3 (one launch): 2 steps, checkpoint, a new trainer resumes,
     2 more steps; the loss curve is the single-process LoRA run's; only adapter weights
     train; the merged export loads."""
-    from fastgfn.config import load_config
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer, load_config
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The sky is blue.\nA cat sat on the mat.\n")
@@ -353,8 +352,7 @@ def test_new_rank_gets_its_own_sampling_stream(tmp_path):
     """A rank the saving run did not have (resume on more processes) starts from rank 0's RNG
     state only when every rank samples the same data; otherwise it gets its own stream,
     deterministic in (seed, rank, step). One process, playing rank 1 of 2."""
-    from fastgfn.config import load_config
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer, load_config
 
     out = tmp_path / "run"
     cfg = ARGS + ["steps=4", "stop_after_steps=2", "save_every=2", f"output_dir={out}"]
@@ -365,7 +363,7 @@ def test_new_rank_gets_its_own_sampling_stream(tmp_path):
         tr = Trainer(load_config(None, cfg + over))
         tr.rank, tr.world = 1, 2
         assert tr.maybe_resume() and tr.step == 2
-        return tr.generator.get_state(), tr.py_rng.random()
+        return tr.streams.generator.get_state(), tr.streams.py_rng.random()
 
     import torch
     from safetensors.torch import load_file
@@ -377,3 +375,15 @@ def test_new_rank_gets_its_own_sampling_stream(tmp_path):
     assert not torch.equal(gen_own, saved["generator"])
     again, draw_again = resumed(False)
     assert torch.equal(gen_own, again) and draw == draw_again
+
+
+def test_gradient_accumulation_matches_the_torch_engine(tmp_path):
+    """grad_accum=2 under DeepSpeed steps the optimizer once per training step, as the torch
+    engine does (DeepSpeed counts micro-batches in ``engine.step()``, which must run after
+    every micro-batch): the same loss curve, here in one process with the DeepSpeed engine."""
+    from fastgfn.trainer import Trainer, load_config
+
+    extra = ["steps=4", "grad_accum=2"]
+    Trainer(load_config(None, ARGS + extra + [f"output_dir={tmp_path / 'torch'}"])).run()
+    _launch(_ds(2), tmp_path / "ds", extra, procs=0)
+    _close(_losses(tmp_path / "ds"), _losses(tmp_path / "torch"))

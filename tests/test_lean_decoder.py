@@ -6,9 +6,11 @@ import copy
 import pytest
 import torch
 
-from fastgfn.lean_decoder import LeanDecoder, lean_decoder_unsupported
-from fastgfn.packed_linear import packing_supported
-from fastgfn.sampler import SamplingReplica, cache_kwarg, output_cache, sample
+from fastgfn.trainer.kv_cache import cache_kwarg, output_cache
+from fastgfn.trainer.sampling.lean_decoder import LeanDecoder, lean_decoder_unsupported
+from fastgfn.trainer.sampling.packed_linear import packing_supported
+from fastgfn.trainer.sampling.replica import SamplingReplica
+from fastgfn.trainer.sampling.sampler import sample
 
 needs_bf16 = pytest.mark.skipif(
     not packing_supported(torch.bfloat16),
@@ -178,7 +180,7 @@ def _tiny_mistral_sliding():
 def test_replica_packs_only_rollouts_long_enough_to_repay_it():
     """The lean decoder is always chosen where it applies; prepacked transformers layers only
     for rollouts of at least PACK_MIN_NEW_TOKENS tokens (unless asked for)."""
-    from fastgfn.sampler import PACK_MIN_NEW_TOKENS
+    from fastgfn.trainer.sampling.replica import PACK_MIN_NEW_TOKENS
 
     llama, gemma = _tiny("llama"), _tiny_gemma()
     short = PACK_MIN_NEW_TOKENS - 1

@@ -202,7 +202,7 @@ def test_smollm2_matches_full_logits_float64():
 def test_engine_scoring_respects_the_output_layer(kind, use_fused):
     """The training engine's teacher-forced scoring (shared-prompt KV cache, then the model's
     own output layer) equals log_softmax of the model's full logits, softcap/scales included."""
-    from fastgfn.scoring import gfn_logprobs
+    from fastgfn.trainer.scoring import gfn_logprobs
 
     model = tiny_model(kind).double()
     g = torch.Generator().manual_seed(3)
@@ -214,5 +214,8 @@ def test_engine_scoring_respects_the_output_layer(kind, use_fused):
         full = torch.cat([prompt[None].expand(3, -1), tokens], 1)
         logp = torch.log_softmax(model(input_ids=full).logits.double(), -1)[:, 4:]
     want_pf = logp[:, :4].gather(2, tokens[..., None]).squeeze(2)
-    torch.testing.assert_close(log_pf.double(), want_pf, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(log_pterm.double(), logp[..., term], rtol=1e-9, atol=1e-9)
+    # float64 models, but transformers computes the rotary angles in float32 (position ids
+    # cast to float), so the cached and uncached passes can differ by ~1e-8 (gemma2 seen on
+    # an AMD EPYC); a wrong softcap or scale is off by far more
+    torch.testing.assert_close(log_pf.double(), want_pf, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(log_pterm.double(), logp[..., term], rtol=1e-7, atol=1e-7)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastgfn.config import ConfigError, load_config
-from fastgfn.tasks.reasoning import LatentReasoningTask, load_examples
+import fastgfn
+from fastgfn.trainer import ConfigError, load_config
+from fastgfn.trainer.tasks.reasoning import LatentReasoningTask, load_examples
 
 from .test_continuation import _exact_distributions, _kl, _tiny_lm, brute_force_log_reward
 
@@ -127,9 +128,9 @@ def test_training_learns_the_posterior(tmp_path):
     KL 0.90 -> 0.12 and 4.7 -> 0.10; KL to the continuation target 0.24 (about 30 s on a
     2-core CPU). With log Z starting at 0 instead (rewards near -60 nats) the same run ends
     at KL 6.3: log_z_auto_init matters here."""
-    from fastgfn.sampler import sample
-    from fastgfn.tasks.continuation import ContinuationTask
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer
+    from fastgfn.trainer.sampling.sampler import sample
+    from fastgfn.trainer.tasks.continuation import ContinuationTask
 
     torch.manual_seed(0)
     data = tmp_path / "data.jsonl"
@@ -177,10 +178,10 @@ def test_training_learns_the_posterior(tmp_path):
     assert a1 > a0
 
 
-def test_log_z_auto_init_is_the_mean_tb_residual(tmp_path):
+def test_log_z_auto_init_is_the_mean_tb_residual(tmp_path, monkeypatch):
     """log_z_auto_init: after the first step (log_z_lr=0: no Adam step moves it) log Z is
     the first batch's mean of log R(z)/T - log q(z), recomputed here from the loss inputs."""
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer
 
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"question": "ab", "answer": "cd"}) + "\n")
@@ -193,15 +194,15 @@ def test_log_z_auto_init_is_the_mean_tb_residual(tmp_path):
         f"output_dir={tmp_path / 'o'}",
     ])
     tr = Trainer(cfg)
-    seen, compute_loss = [], tr.compute_loss
+    seen, subtb_loss = [], fastgfn.subtb_loss
 
-    def spy(log_pf, log_pterm, log_r, lengths):
+    def spy(log_pf, log_pterm, log_r, lengths, **kw):  # what the loss kernel receives
         seen.append((log_pf.detach().double(), log_pterm.detach().double(),
                      log_r.detach().double(), lengths.clone(),
-                     float(tr.engine.log_z.param.detach())))
-        return compute_loss(log_pf, log_pterm, log_r, lengths)
+                     tr.objective.log_z.value()))
+        return subtb_loss(log_pf, log_pterm, log_r, lengths, **kw)
 
-    tr.compute_loss = spy
+    monkeypatch.setattr(fastgfn, "subtb_loss", spy)
     tr.run()
     log_pf, log_pterm, log_r, lengths, log_z = seen[0]
     want = torch.stack([
@@ -235,16 +236,18 @@ def test_choice_log_likelihoods_match_brute_force(lm):
                             ).choice_log_likelihoods(0, [[]], [""])
 
 
-def test_answer_accuracy(lm):
+def test_answer_accuracy(lm, tmp_path):
     """The prediction is the choice with the largest mean over rationales of the choice
     probabilities normalised over the choices; zero-shot uses the empty rationale; only the
     first eval_questions questions count. Recomputed from the scores the task returned, and
     the zero-shot scores from a float64 brute force."""
-    from fastgfn.engine import TorchEngine
-    from fastgfn.evaluate import answer_accuracy
+    from fastgfn.trainer.engines.torch_engine import TorchEngine
+    from fastgfn.trainer.evaluation import answer_accuracy
 
     model, tok = lm
-    cfg = load_config(None, ["model=tiny", "task=reasoning", "data_path=x", "termination=.",
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"question": "ab", "answer": "yes"}) + "\n")
+    cfg = load_config(None, ["model=tiny", "task=reasoning", f"data_path={data}", "termination=.",
                              "eval_rationales=5", "eval_questions=3", "max_new_tokens=3",
                              "min_new_tokens=1", "device=cpu"])
     task = LatentReasoningTask(tok, ["ab", "cd", "ef", "gh"], ["yes", "no", "no", "yes"],
@@ -281,7 +284,7 @@ def test_answer_accuracy(lm):
 def test_trainer_reports_answer_accuracy(tmp_path):
     """A reasoning run with evaluation: the before/after table carries the answer accuracy
     on the eval_data_path questions, with the choices of both files."""
-    from fastgfn.train import Trainer
+    from fastgfn.trainer import Trainer
 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"q": q, "a": a}) + "\n"

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from fastgfn.replay import ReplayBuffer, edit_distance
+from fastgfn.trainer.replay import ReplayBuffer, edit_distance
 
 
 def test_edit_distance():

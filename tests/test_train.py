@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastgfn.config import load_config
-from fastgfn.train import Trainer, main
+from fastgfn.train import main
+from fastgfn.trainer import Trainer, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -49,6 +49,16 @@ def test_tiny_run_logs_metrics(tmp_path):
     assert steps[-1]["log_z"] != 0.0  # log Z is learned with TB
     assert res["after"]["samples"] == 32 and "valid_fraction" in res["after"]
     assert (tmp_path / "histogram.png").is_file()
+    # every run ends with the fine-tuned model as a Hugging Face directory
+    assert res["model_dir"] == str(tmp_path / "model")
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_save_model_false_saves_no_model(tmp_path):
+    cfg = load_config(None, TINY + ["steps=1", f"output_dir={tmp_path}", "save_model=false"])
+    assert "model_dir" not in Trainer(cfg).run()
+    assert not (tmp_path / "model").exists()
 
 
 @pytest.mark.parametrize("loss", ["subtb", "vargrad", "db"])
@@ -83,7 +93,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     a, b = _params(full.engine.module), _params(resumed.engine.module)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert full.engine.log_z.param.item() == resumed.engine.log_z.param.item()
+    assert full.objective.log_z.value() == resumed.objective.log_z.value()
     assert full.buffer.entries == resumed.buffer.entries
     # a different seed really gives different parameters (the comparison can fail)
     other = Trainer(
@@ -95,7 +105,7 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 
 def test_checkpoint_atomic_latest(tmp_path):
-    from fastgfn.checkpoint import latest_checkpoint
+    from fastgfn.trainer.checkpoint import latest_checkpoint
 
     cfg = load_config(
         None, TINY + ["steps=4", "save_every=1", "keep_checkpoints=2", f"output_dir={tmp_path}"]
@@ -142,7 +152,7 @@ def test_sigterm_saves_and_exits(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out.decode()[-2000:]
     assert b"saved" in out
-    from fastgfn.checkpoint import latest_checkpoint
+    from fastgfn.trainer.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
     assert ckpt is not None

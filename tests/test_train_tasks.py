@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from fastgfn.models import CharTokenizer
-from fastgfn.tasks.random_number import RandomNumberTask
+from fastgfn.trainer.models import CharTokenizer
+from fastgfn.trainer.tasks.random_number import RandomNumberTask
 
 
 @pytest.fixture

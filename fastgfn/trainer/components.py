@@ -1,0 +1,137 @@
+"""Building the parts of a run, in order: the process group (DeepSpeed or none), the random
+streams, the policy, the frozen reward LM and the task, the engine, the objective, the
+replay buffer and the source of batches (``build``)."""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastgfn.trainer import checkpoint
+from fastgfn.trainer.engines import build_engine, uses_deepspeed
+from fastgfn.trainer.engines.distributed import (
+    init_distributed,
+    rank,
+    rank_seed,
+    world_size,
+    zero3_init_context,
+)
+from fastgfn.trainer.evaluation import build_answer_task
+from fastgfn.trainer.models import disable_dropout, load_model
+from fastgfn.trainer.objective import Objective
+from fastgfn.trainer.replay import ReplayBuffer
+from fastgfn.trainer.reward_model import build_reward_lm
+from fastgfn.trainer.rollout import Rollouts
+from fastgfn.trainer.sampling.replica import build_replica
+from fastgfn.trainer.tasks import build_task, task_class
+
+
+class RandomStreams:
+    """The run's random streams: torch's and Python's global generators (seeded with
+    ``seed``), the batch stream (``py_rng``: prompts and replay; ``generator``: sampling, on
+    the model's device, seeded per rank unless ``same_data_all_ranks``) and the evaluation
+    generator."""
+
+    def __init__(self, cfg, rank_: int):
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.cfg, self.rank = cfg, rank_
+        self.data_seed = cfg.seed if cfg.same_data_all_ranks else rank_seed(cfg.seed, rank_)
+        self.py_rng = random.Random(self.data_seed)
+        self.generator = self.eval_generator = None
+
+    def place(self, device: torch.device) -> None:
+        """Create the device generators (no host round trip per sampled token)."""
+        self.generator = torch.Generator(device=device).manual_seed(self.data_seed)
+        self.eval_generator = torch.Generator(device=device).manual_seed(
+            rank_seed(self.cfg.seed + 7, self.rank))
+
+    def state(self) -> dict:
+        return checkpoint.rng_state(self.generator, self.py_rng)
+
+    def restore(self, state: dict, step: int, rank_: int, fresh: bool = False) -> None:
+        """Restore a checkpoint's streams. ``fresh``: rank ``rank_`` did not exist in the
+        saving run and got rank 0's state, so it gets its own stream instead (deterministic in
+        seed, rank and step), unless every rank samples the same data."""
+        checkpoint.set_rng_state(state, self.generator, self.py_rng)
+        if fresh and not self.cfg.same_data_all_ranks:
+            seed = rank_seed(self.cfg.seed, rank_) + 7919 * step
+            self.generator.manual_seed(seed)
+            self.py_rng.seed(seed)
+
+
+@dataclass
+class Components:
+    rank: int
+    world: int
+    streams: RandomStreams
+    tokenizer: object
+    task: object
+    answer_task: object
+    engine: object
+    objective: Objective
+    buffer: ReplayBuffer
+    rollouts: Rollouts
+    load_seconds: float
+
+
+def start_process_group(cfg) -> dict | None:
+    """Join the process group when the run uses DeepSpeed; its config (None otherwise)."""
+    if not uses_deepspeed(cfg):
+        return None
+    from fastgfn.trainer.engines.deepspeed_engine import load_ds_config
+
+    init_distributed()
+    return load_ds_config(cfg)
+
+
+def load_policy(cfg, ds_config: dict | None):
+    """(model, tokenizer). Under ZeRO-3 the model is built already partitioned; a tiny test
+    model is built whole so its initial weights do not depend on the stage."""
+    if ds_config is not None and cfg.model != "tiny":
+        with zero3_init_context(ds_config):
+            return load_model(cfg)
+    return load_model(cfg)
+
+
+def build(cfg) -> Components:
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    ds_config = start_process_group(cfg)
+    streams = RandomStreams(cfg, rank())
+    t0 = time.time()
+    model, tokenizer = load_policy(cfg, ds_config)
+    load_seconds = time.time() - t0
+    reward = None
+    if task_class(cfg.task).needs_reward_model:
+        reward = build_reward_lm(cfg, model, tokenizer, ds_config)
+    task = build_task(cfg, tokenizer, reward)
+    answer_task = build_answer_task(cfg, task, tokenizer, reward)
+    model.train()
+    disable_dropout(model)
+    engine = build_engine(model, cfg, ds_config)
+    streams.place(engine.device)
+    buffer = ReplayBuffer(cfg.replay_size, cfg.replay_min_distance)
+    rollouts = Rollouts(cfg, task, engine, build_replica(engine, cfg), buffer, streams.py_rng,
+                        streams.generator)
+    return Components(rank(), world_size(), streams, tokenizer, task, answer_task, engine,
+                      Objective(cfg, engine.device), buffer, rollouts, load_seconds)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def progress_bar(cfg, is_main: bool, total: int, initial: int, desc: str, unit: str = "it"):
+    """A tqdm bar on rank 0 when ``progress`` is on, else None."""
+    if not (is_main and cfg.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)

@@ -1,0 +1,89 @@
+"""What the trainer needs from an optimisation engine (``Engine``), the learning-rate
+schedule both engines share, and the ``engine.json`` record every checkpoint carries.
+
+Two engines implement the protocol: ``TorchEngine`` (one plain process, torch AdamW) and
+``DeepSpeedEngine`` (ZeRO-2/3 through ``deepspeed.initialize``). A training step is
+``backward(loss)`` once per micro-batch, then ``step()`` once; the engine scales for gradient
+accumulation, clips, and steps the optimizer and the schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Engine(Protocol):
+    kind: str  # "torch" or "deepspeed", recorded in every checkpoint
+    module: torch.nn.Module  # the policy being trained
+    device: torch.device
+    zero_stage: int  # 0 for the torch engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's loss."""
+
+    def step(self) -> float:
+        """After ``grad_accum`` micro-batches: clip, optimizer and schedule step, zero the
+        gradients. Returns the gradient norm before clipping."""
+
+    def lr(self) -> float: ...
+
+    def param_context(self) -> contextlib.AbstractContextManager:
+        """Held around a whole rollout: the parameters whole (ZeRO-3: gathered once)."""
+
+    def full_parameters(self) -> contextlib.AbstractContextManager:
+        """Yields the module with its full parameters on every rank (export, inspection)."""
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
+def lr_factor(step: int, cfg) -> float:
+    """Linear warm-up, then constant or cosine decay to ``lr_min_ratio`` at ``steps``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    f = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * f))
+
+
+def adamw_with_schedule(params, cfg, fused: bool = False):
+    """The policy's AdamW and its ``lr_factor`` schedule."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if fused else {}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    return optimizer, scheduler
+
+
+ENGINE_META = "engine.json"
+
+
+def write_engine_meta(directory: Path, kind: str, zero_stage: int | None, world: int) -> None:
+    meta = {"kind": kind, "zero_stage": zero_stage, "world_size": world}
+    (Path(directory) / ENGINE_META).write_text(json.dumps(meta))
+
+
+def read_engine_meta(directory: Path) -> dict:
+    """``{"kind", "zero_stage", "world_size"}`` of a checkpoint directory (inferred from the
+    files for checkpoints written before ``engine.json`` existed)."""
+    directory = Path(directory)
+    path = directory / ENGINE_META
+    if path.is_file():
+        return json.loads(path.read_text())
+    if (directory / "model.safetensors").is_file():
+        return {"kind": "torch", "zero_stage": None, "world_size": 1}
+    optim = sorted(directory.glob("*zero_pp_rank_*_optim_states.pt"))
+    if not optim:
+        raise ValueError(f"resume: {str(directory)!r} holds no fastgfn engine checkpoint")
+    # ZeRO-3 writes per-rank model states; ZeRO-1 and 2 one mp_rank file (stage unknown)
+    stage = 3 if any(directory.glob("zero_pp_rank_*_model_states.pt")) else None
+    return {"kind": "deepspeed", "zero_stage": stage, "world_size": len(optim)}

@@ -1,0 +1,98 @@
+"""``TorchEngine``: training in one plain process with torch AdamW (fused: one kernel over
+all parameters), linear warm-up and cosine decay, gradient clipping and accumulation.
+Checkpoints are a safetensors file of the weights and the optimizer state saved with tensors
+only (loaded with ``weights_only=True``)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from fastgfn.trainer.engines.base import adamw_with_schedule, read_engine_meta, write_engine_meta
+
+
+class TorchEngine:
+    kind = "torch"
+    zero_stage = 0
+
+    def __init__(self, model, cfg):
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.module = model.to(device)
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = adamw_with_schedule(params, cfg, fused=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def param_context(self):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        yield self.module
+
+    # checkpoints -------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().clone() for k, v in self.module.state_dict().items()}
+        _drop_shared(state)
+        save_file(state, str(directory / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict()}, directory / "optimizer.pt")
+        write_engine_meta(directory, self.kind, None, 1)
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        meta = read_engine_meta(directory)
+        if meta["kind"] != self.kind:
+            raise ValueError(
+                f"resume: checkpoint {str(directory)!r} was written by the DeepSpeed engine "
+                f"(ZeRO-{meta['zero_stage']}, {meta['world_size']} process(es)); this run is one "
+                "plain process. Resume it under DeepSpeed with the same ZeRO stage (any number "
+                "of processes: `deepspeed --num_gpus K fastgfn/train.py --deepspeed_config "
+                f"ds_zero{meta['zero_stage']}.json ... --resume`), or start a new run from its "
+                "exported model directory"
+            )
+        state = load_file(str(directory / "model.safetensors"))
+        missing, unexpected = self.module.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not _is_tied(self.module, k)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+        opt = torch.load(directory / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+
+
+def _drop_shared(state: dict) -> None:
+    """Drop tied duplicates (safetensors refuses shared storage)."""
+    seen = set()
+    for k in list(state):
+        key = (state[k].data_ptr(), state[k].shape)
+        if key in seen:
+            del state[k]
+        else:
+            seen.add(key)
+
+
+def _is_tied(model, key: str) -> bool:
+    return "lm_head" in key and getattr(model.config, "tie_word_embeddings", False)

@@ -1,0 +1,107 @@
+"""Where a training batch comes from: a fresh rollout of the behaviour policy, or the replay
+buffer.
+
+Each micro-batch picks one prompt and ``batch_size`` rows that continue it. With probability
+``replay_prob`` (when the buffer holds rows of that prompt) the rows are drawn from the replay
+buffer; otherwise they are sampled with no gradient from the behaviour policy: the policy (or
+its low-precision sampling replica), tempered per row with probability ``explore_prob``
+(temperature uniform in ``[explore_temp_low, explore_temp_high]``), with a fraction
+``explore_vocab_prob`` of rows restricted to the task's allowed tokens, and termination
+forbidden before ``min_new_tokens``. GFlowNet losses are off-policy, so any of these is a
+valid behaviour policy. Freshly sampled rows are offered to the buffer once scored.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from fastgfn.trainer.engines.distributed import all_ranks_agree, world_size
+from fastgfn.trainer.models import eval_mode
+from fastgfn.trainer.replay import ReplayBuffer
+from fastgfn.trainer.sampling.sampler import draw_temperatures, sample
+
+
+@dataclass
+class Batch:
+    """Rows continuing one prompt: ``tokens [B, T]`` right-padded, ``lengths [B]``, and the
+    same rows as token lists (``rows``); ``replayed`` when they came from the buffer."""
+
+    prompt_index: int
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    rows: list[list[int]]
+    replayed: bool
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
+
+
+class Rollouts:
+    """The source of training batches (see the module docstring)."""
+
+    def __init__(self, cfg, task, engine, replica, buffer: ReplayBuffer,
+                 py_rng: random.Random, generator: torch.Generator):
+        self.cfg, self.task, self.engine, self.replica = cfg, task, engine, replica
+        self.buffer, self.py_rng, self.generator = buffer, py_rng, generator
+
+    def next_batch(self) -> Batch:
+        prompt_index = self.py_rng.randrange(self.task.num_prompts())
+        if self._replay(prompt_index):
+            rows = self.buffer.sample(prompt_index, self.cfg.batch_size, self.py_rng)
+            tokens, lengths = ReplayBuffer.to_tensors(rows, self.task.pad_token_id)
+            return Batch(prompt_index, tokens, lengths, rows, True)
+        return self._sample(prompt_index)
+
+    def _replay(self, prompt_index: int) -> bool:
+        use = self.py_rng.random() < self.cfg.replay_prob and self.buffer.size(prompt_index) > 0
+        if world_size() > 1:
+            # Sampling runs collectives (the stop flag, ZeRO-3 gathers) and replay none: all
+            # ranks replay or all sample, or a rank that samples waits forever.
+            use = all_ranks_agree(use)
+        return use
+
+    def _vocab_restriction(self) -> torch.Tensor | None:
+        """Per-row vocabulary bias: 0 everywhere, or -inf outside the task's allowed tokens
+        for a fraction ``explore_vocab_prob`` of the rows; None when not restricting."""
+        cfg = self.cfg
+        allowed = self.task.allowed_token_ids() if cfg.explore_vocab_prob > 0 else None
+        if allowed is None:
+            return None
+        V, dev = self.engine.module.config.vocab_size, self.engine.device
+        rows = torch.rand(cfg.batch_size, generator=self.generator, device=dev)
+        rows = rows < cfg.explore_vocab_prob
+        mask = torch.full((V,), float("-inf"), device=dev)
+        mask[torch.tensor(allowed, device=dev)] = 0.0
+        return torch.where(rows[:, None], mask[None], torch.zeros(1, V, device=dev))
+
+    @torch.no_grad()
+    def _sample(self, prompt_index: int) -> Batch:
+        cfg = self.cfg
+        temps = draw_temperatures(cfg.batch_size, prob=cfg.explore_prob, low=cfg.explore_temp_low,
+                                  high=cfg.explore_temp_high, generator=self.generator)
+        bias = self._vocab_restriction()
+        with eval_mode(self.engine.module) as model:
+            behaviour = model if self.replica is None else self.replica.sync(model)
+            r = sample(
+                behaviour,
+                self.task.prompt_tokens(prompt_index).to(self.engine.device),
+                cfg.batch_size,
+                max_new_tokens=cfg.max_new_tokens,
+                min_new_tokens=cfg.min_new_tokens,
+                termination_token_id=self.task.termination_token_id,
+                temperatures=temps,
+                vocab_bias=bias,
+                pad_token_id=self.task.pad_token_id,
+                generator=self.generator,
+                param_context=self.engine.param_context(),
+            )
+        return Batch(prompt_index, r.tokens.cpu(), r.lengths.cpu(), r.rows(), False)
+
+    def remember(self, batch: Batch, final_log_rewards: list[float]) -> None:
+        """Offer freshly sampled rows (with their untempered final log-rewards) to the buffer."""
+        if not batch.replayed:
+            self.buffer.add_batch(batch.prompt_index, batch.rows, final_log_rewards)

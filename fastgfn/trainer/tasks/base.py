@@ -1,0 +1,95 @@
+"""What a task is: prompts, a termination token, and a log-reward for every prefix.
+
+The trainer talks to a task only through ``Task``. The required part is abstract; the
+optional capabilities have default methods that say "not supported" (``None`` or ``{}``), so
+the trainer never probes a task with ``hasattr``:
+
+- ``dead_index(row)``: the first state from which the row can never become valid (dead ends);
+- ``allowed_token_ids()``: the tokens restricted exploration may use;
+- ``policy_metrics(engine, min_new_tokens)``: exact metrics computed from the policy itself
+  (the random-number task's exact distribution), logged during and after training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.models import pad_token_id
+
+
+class Task:
+    name = ""
+    needs_reward_model = False  # scored by a frozen reward LM (the ``reward_model`` key)
+    termination_token_id: int
+    tokenizer = None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """The task's own config checks (before anything loads); ``ConfigError`` names the key."""
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, reward=None) -> Task:
+        raise NotImplementedError
+
+    # prompts and rewards ------------------------------------------------------------------
+    def num_prompts(self) -> int:
+        raise NotImplementedError
+
+    def prompt_tokens(self, index: int) -> torch.Tensor:
+        """Token ids of prompt ``index`` (1-D, non-empty)."""
+        raise NotImplementedError
+
+    def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
+        """``[len(rows), T + 1]`` float32 on the CPU: ``log R(z_1..z_t STOP)`` of every prefix
+        t = 0..T of every row (not divided by the reward temperature). Entries past a row's
+        length are never read by the loss."""
+        raise NotImplementedError
+
+    def text(self, row: list[int]) -> str:
+        return self.tokenizer.decode(row)
+
+    def prompt_text(self, index: int) -> str:
+        return self.tokenizer.decode(self.prompt_tokens(index).tolist())
+
+    def evaluate(self, texts: list[str], terminated: list[bool]) -> dict:
+        """Metrics of sampled continuations (texts, and whether each ended with STOP)."""
+        n = max(1, len(texts))
+        return {"samples": len(texts), "terminated_fraction": sum(terminated) / n,
+                "distinct": len(set(texts))}
+
+    @property
+    def pad_token_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
+    # optional capabilities ----------------------------------------------------------------
+    def dead_index(self, row: list[int]) -> int | None:
+        """The first t >= 1 whose prefix can never become valid, or None (none, or the task
+        cannot tell). The trainer ends the row there as a forced stop."""
+        return None
+
+    def allowed_token_ids(self) -> list[int] | None:
+        """Tokens for restricted exploration (``explore_vocab_prob``), or None for all."""
+        return None
+
+    def policy_metrics(self, engine, min_new_tokens: int) -> dict:
+        """Exact metrics of the policy (no sampling), or {} when the task has none."""
+        return {}
+
+
+def termination_token(tokenizer, termination: str) -> int:
+    """The id of the termination token: ``termination`` must encode to exactly one token
+    that decodes back to it (``eos``/``<eos>`` name the tokenizer's end-of-sequence token)."""
+    if termination in ("eos", "<eos>"):
+        return int(tokenizer.eos_token_id)
+    ids = tokenizer.encode(termination, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ConfigError(
+            f"termination: {termination!r} must be a single token, it encodes to {ids}"
+        )
+    if tokenizer.decode(ids) != termination:
+        raise ConfigError(
+            f"termination: the tokenizer cannot represent {termination!r} (it decodes back as "
+            f"{tokenizer.decode(ids)!r})"
+        )
+    return int(ids[0])

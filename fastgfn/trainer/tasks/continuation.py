@@ -1,0 +1,226 @@
+"""Sentence continuation (Hu et al. 2024, section 4.1).
+
+Prompts: one per line of a text file (the paper's OpenWebText prompts). The policy samples a
+continuation that ends with the termination token (default "."); the reward of every prefix
+is the frozen reward LM's likelihood of that prefix followed by the termination token,
+``log R(s_t STOP) = log p_LM(s_t STOP | X)`` (divided by the reward temperature by the
+trainer). The reward LM is a frozen ``reward_model.RewardLM``: by default the initial policy
+(a frozen copy, or with LoRA the same model with its adapters disabled).
+
+Illegal tokens (as in the paper, which adds -50 to their logits): special tokens (EOS, chat
+markers), tokens with a line break or tab, and tokens other than the termination token that
+contain the termination text ("...", '."'). ``illegal_token_bias`` (default -50, 0 turns it
+off) is added to the reward LM's logits of these tokens, so a continuation that uses one
+loses about 50 nats of log-reward, and ``allowed_token_ids`` lets the trainer's restricted
+exploration (``explore_vocab_prob``) sample some rows without them.
+
+The prompt is tokenized as it stands, without a trailing space: with byte-level BPE
+tokenizers (GPT-2, SmolLM2) a trailing space becomes a token of its own, after which the
+model rarely sees a word (words carry their leading space), and it continued with line
+breaks and digits instead of a sentence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastgfn.lm_logprobs import gfn_logprobs_from_hidden
+from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.replay import ReplayBuffer
+from fastgfn.trainer.reward_model import RewardLM
+from fastgfn.trainer.scoring import hidden_states, prefix_log_likelihoods
+from fastgfn.trainer.tasks.base import Task, termination_token
+
+
+class ContinuationTask(Task):
+    name = "continuation"
+    needs_reward_model = True
+
+    def __init__(
+        self,
+        tokenizer,
+        prompts: list[str],
+        reward: RewardLM | torch.nn.Module,
+        *,
+        termination: str = ".",
+        use_fused: bool = True,
+        illegal_token_bias: float = -50.0,
+    ):
+        if not prompts:
+            raise ValueError("data_path: the prompts file holds no prompts")
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.reward = reward if isinstance(reward, RewardLM) else RewardLM(reward)
+        self.use_fused = use_fused
+        self.termination_token_id = termination_token(tokenizer, termination)
+        self.termination = termination
+        if not illegal_token_bias <= 0:
+            raise ValueError(f"illegal_token_bias: must be <= 0, got {illegal_token_bias}")
+        self.illegal_token_bias = float(illegal_token_bias)
+        self._ids = {}
+        self._illegal = None
+        self._allowed = None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not cfg.data_path:
+            raise ConfigError("data_path: the continuation task needs a prompts file")
+        if not Path(cfg.data_path).is_file():
+            raise ConfigError(f"data_path: no such prompts file {cfg.data_path!r}")
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, reward=None):
+        prompts = [x.strip() for x in Path(cfg.data_path).read_text().splitlines() if x.strip()]
+        return cls(tokenizer, prompts, reward, termination=cfg.termination,
+                   use_fused=cfg.use_fused_logprobs, illegal_token_bias=cfg.illegal_token_bias)
+
+    @property
+    def reward_model(self) -> torch.nn.Module:
+        return self.reward.model
+
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    def prompt_tokens(self, index: int) -> torch.Tensor:
+        if index not in self._ids:
+            self._ids[index] = torch.tensor(
+                self.tokenizer.encode(self.prompts[index], add_special_tokens=False)
+            )
+        return self._ids[index]
+
+    # illegal tokens -------------------------------------------------------------------
+    def vocab_size(self) -> int:
+        return self.reward.vocab_size
+
+    def illegal_token_ids(self) -> list[int]:
+        """Special tokens, tokens with a line break or tab, tokens other than the
+        termination that contain its text, and model ids past the tokenizer's vocabulary."""
+        if self._illegal is None:
+            tok, V = self.tokenizer, self.vocab_size()
+            special = set(getattr(tok, "all_special_ids", None) or [])
+            special |= set(getattr(tok, "added_tokens_decoder", None) or {})
+            for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+                if getattr(tok, name, None) is not None:
+                    special.add(int(getattr(tok, name)))
+            n = min(len(tok), V)
+            texts = [tok.decode([i]) for i in range(n)]
+            illegal = set(range(n, V)) | {i for i in special if 0 <= i < V}
+            for i, text in enumerate(texts):
+                if any(c in text for c in "\n\r\t") or (self.termination in text):
+                    illegal.add(i)
+            illegal.discard(self.termination_token_id)
+            self._illegal = sorted(illegal)
+        return self._illegal
+
+    def allowed_token_ids(self) -> list[int]:
+        """Every token but the illegal ones (the trainer's restricted exploration)."""
+        if self._allowed is None:
+            illegal = set(self.illegal_token_ids())
+            self._allowed = [i for i in range(self.vocab_size()) if i not in illegal]
+        return self._allowed
+
+    def vocab_bias(self) -> torch.Tensor | None:
+        """``[V]`` float32: ``illegal_token_bias`` at the illegal tokens, 0 elsewhere (None
+        when the bias is 0)."""
+        if self.illegal_token_bias == 0:
+            return None
+        bias = torch.zeros(self.vocab_size())
+        bias[self.illegal_token_ids()] = self.illegal_token_bias
+        return bias
+
+    def _check_rows(self, prompt_index: int, rows: list[list[int]], T: int) -> None:
+        if not 0 <= prompt_index < len(self.prompts):
+            raise ValueError(
+                f"prompt_index: must be in [0, {len(self.prompts)}), got {prompt_index}"
+            )
+        if T < 0 or any(len(r) > T for r in rows):
+            raise ValueError(f"T: must be >= every row's length, got T={T}")
+        vocab = self.reward.vocab_size
+        if any(not 0 <= t < vocab for r in rows for t in r):
+            raise ValueError(f"rows: token ids must be in [0, {vocab})")
+
+    @torch.no_grad()
+    def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
+        """``[len(rows), T + 1]`` float32: entry ``[b, t]`` is ``log p_LM(z_1..z_t STOP | X)``
+        for the first t tokens of ``rows[b]`` under the frozen reward LM (not divided by the
+        reward temperature; the trainer does that). Entries past a row's length are computed
+        on padding and must be masked by the loss."""
+        self._check_rows(prompt_index, rows, T)
+        tokens = self._padded_rows(rows, T)
+        with self.reward.frozen() as (model, dev):
+            tokens = tokens.to(dev)
+            h = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens)
+            return self._prefix_log_rewards(model, h, tokens, T)
+
+    def _padded_rows(self, rows: list[list[int]], T: int) -> torch.Tensor:
+        """``rows`` right-padded to ``[len(rows), max(T, 1)]``: at least one column (causal:
+        a padding column after the last state changes no reward), so the reward LM runs
+        the same calls whatever the data (ZeRO-3)."""
+        pad = self.pad_token_id
+        tokens, _ = ReplayBuffer.to_tensors(rows, pad)
+        width = max(T, 1)
+        if tokens.shape[1] < width:
+            tokens = torch.cat(
+                [tokens, tokens.new_full((len(rows), width - tokens.shape[1]), pad)], 1
+            )
+        return tokens[:, :width]
+
+    def _prefix_log_rewards(self, model, h, tokens, T: int) -> torch.Tensor:
+        """``log p_LM(z_1..z_t STOP | X)`` (float32 on the CPU, ``[B, T + 1]``) from the reward
+        LM's hidden states ``h`` at the states of ``tokens`` (illegal tokens biased)."""
+        bias = self.vocab_bias()
+        log_pf, log_pterm = gfn_logprobs_from_hidden(
+            model,
+            h,
+            tokens,
+            self.termination_token_id,
+            vocab_bias=None if bias is None else bias.to(h.device),
+            fused=self.use_fused,
+        )
+        return prefix_log_likelihoods(log_pf, log_pterm)[:, : T + 1].float().cpu()
+
+    @torch.no_grad()
+    def sample_log_rewards(
+        self,
+        model,
+        prompt_index: int,
+        n: int,
+        *,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, list[list[int]]]:
+        """``n`` continuations of prompt ``prompt_index`` drawn from ``model`` as it is
+        (temperature 1, no exploration, no vocabulary bias) and their log-rewards
+        (``log_rewards``, not tempered): ``(log_rewards [n], rows)``. An evaluation aid: below
+        reward temperature 1, training should raise the mean."""
+        from fastgfn.trainer.models import eval_mode
+        from fastgfn.trainer.sampling.sampler import sample
+
+        if n < 1:
+            raise ValueError(f"n: must be >= 1, got {n}")
+        with eval_mode(model):
+            r = sample(
+                model,
+                self.prompt_tokens(prompt_index).to(next(model.parameters()).device),
+                n,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                termination_token_id=self.termination_token_id,
+                pad_token_id=self.pad_token_id,
+                generator=generator,
+            )
+        rows = r.rows()
+        lr = self.log_rewards(prompt_index, rows, r.tokens.shape[1])
+        return lr.gather(1, r.lengths[:, None].cpu()).squeeze(1), rows
+
+    def evaluate(self, texts: list[str], terminated: list[bool]) -> dict:
+        n = max(1, len(texts))
+        return {
+            "samples": len(texts),
+            "terminated_fraction": sum(terminated) / n,
+            "distinct": len(set(texts)),
+            "mean_chars": sum(len(t) for t in texts) / n,
+        }

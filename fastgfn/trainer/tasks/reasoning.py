@@ -1,0 +1,224 @@
+"""Latent chain of thought (Hu et al. 2024, sections 4.3 and 4.4).
+
+A data set of questions x with known answers y. The policy samples a rationale z after the
+prompt X = ``prompt_template.format(question=x)``, ending with the termination token; the
+target is the posterior over rationales that explain the answer,
+
+    R(z) = p_LM(z STOP | X) * p_LM(Y | X z STOP),      Y = answer_template.format(answer=y),
+
+under the frozen reward LM (a copy of the initial policy, another causal LM, or with LoRA the
+policy with its adapters off). Modified SubTB needs the reward of stopping at every prefix,
+
+    log R(z_1..z_t STOP) = log p_LM(z_1..z_t STOP | X) + log p_LM(Y | X z_1..z_t STOP),
+
+t = 0..len(z). One teacher-forced pass over X z_1..z_T gives both terms: its hidden states
+give the first (as in the continuation task), its KV cache the second. Each row's cache is
+copied once per prefix t, the attention mask hides its positions past X z_1..z_t, and only
+the 1 + |Y| tokens STOP Y run, at positions |X| + t onwards, for all (row, prefix) pairs in
+one batch. The answer tokens' log-probs come through the fused lm_head op at the |Y| states
+that predict them, so no [*, V] logits exist. The decoder calls (prompt, rationales,
+suffixes) are the same whatever the data, so every ZeRO-3 rank makes the same calls.
+
+Illegal tokens in the rationale are handled as in the continuation task (``illegal_token_bias``
+on the reward LM's rationale logits, restricted exploration through ``allowed_token_ids``); the
+answer is fixed text and is scored without the bias.
+
+Data: a ``.json`` file holding a list of objects or a ``.jsonl`` file of one object per line;
+``question_key`` and ``answer_key`` name the fields (the paper's SUBJ files: ``text`` and
+``label_text``; its arithmetic files: ``str_query`` and ``num_sol``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fastgfn.lm_logprobs import lm_head_logprobs
+from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.kv_cache import cache_kwarg, select_cache_rows
+from fastgfn.trainer.scoring import hidden_states
+from fastgfn.trainer.tasks.continuation import ContinuationTask
+
+
+def load_examples(path: str | Path, question_key: str, answer_key: str):
+    """``(questions, answers)`` as strings from a ``.json`` list or a ``.jsonl`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data_path: no such data file {str(path)!r}")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        items = json.loads(text)
+    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+        raise ValueError(f"data_path: {str(path)!r} must hold a list of objects (or JSON lines)")
+    for key, name in ((question_key, "question_key"), (answer_key, "answer_key")):
+        missing = [i for i, x in enumerate(items) if key not in x]
+        if missing:
+            raise ValueError(
+                f"{name}: field {key!r} is missing from item {missing[0]} of {str(path)!r}"
+            )
+    return [str(x[question_key]) for x in items], [str(x[answer_key]) for x in items]
+
+
+def check_templates(prompt_template: str, answer_template: str) -> None:
+    """Each template must have its slot: ``{question}`` and ``{answer}``."""
+    if "{question}" not in prompt_template:
+        raise ConfigError(f"prompt_template: must contain {{question}}, got {prompt_template!r}")
+    if "{answer}" not in answer_template:
+        raise ConfigError(f"answer_template: must contain {{answer}}, got {answer_template!r}")
+
+
+class LatentReasoningTask(ContinuationTask):
+    name = "reasoning"
+
+    def __init__(
+        self,
+        tokenizer,
+        questions: list[str],
+        answers: list[str],
+        reward,
+        *,
+        prompt_template: str = "{question}",
+        answer_template: str = " The answer is {answer}.",
+        choices: list[str] | None = None,
+        **kwargs,
+    ):
+        if len(questions) != len(answers):
+            raise ValueError(
+                f"answers: need one per question ({len(questions)}), got {len(answers)}"
+            )
+        check_templates(prompt_template, answer_template)
+        prompts = [prompt_template.format(question=q) for q in questions]
+        super().__init__(tokenizer, prompts, reward, **kwargs)
+        self.answers = list(answers)
+        self.answer_template = answer_template
+        # the answer-accuracy candidates (default: every answer of this data)
+        self.choices = sorted(set(self.answers) if choices is None else choices)
+        self.answer_texts = [answer_template.format(answer=a) for a in answers]
+        self._answer_ids = {}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not cfg.data_path:
+            raise ConfigError("data_path: the reasoning task needs a .json or .jsonl data file")
+        for key in ("data_path", "eval_data_path"):
+            path = getattr(cfg, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{key}: no such data file {path!r}")
+        check_templates(cfg.prompt_template, cfg.answer_template)
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, reward=None, choices=None):
+        questions, answers = load_examples(cfg.data_path, cfg.question_key, cfg.answer_key)
+        return cls(
+            tokenizer,
+            questions,
+            answers,
+            reward,
+            prompt_template=cfg.prompt_template,
+            answer_template=cfg.answer_template,
+            choices=choices,
+            termination=cfg.termination,
+            use_fused=cfg.use_fused_logprobs,
+            illegal_token_bias=cfg.illegal_token_bias,
+        )
+
+    def answer_tokens(self, index: int) -> torch.Tensor:
+        """Token ids of the answer text Y of question ``index`` (at least one)."""
+        if index not in self._answer_ids:
+            self._answer_ids[index] = self._encode_answer(self.answer_texts[index],
+                                                          f"answer of item {index}")
+        return self._answer_ids[index]
+
+    def _encode_answer(self, text: str, what: str) -> torch.Tensor:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"answer_template: the {what} has no tokens ({text!r})")
+        return torch.tensor(ids)
+
+    @torch.no_grad()
+    def answer_log_likelihood(self, prompt_index: int, rows: list[list[int]], T: int):
+        """``[len(rows), T + 1]`` float32: entry ``[b, t]`` is ``log p_LM(Y | X z_1..z_t
+        STOP)`` for the first t tokens of ``rows[b]``; 0 past a row's length."""
+        return self._scores(prompt_index, rows, T, with_rationale=False)
+
+    @torch.no_grad()
+    def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
+        """``log p_LM(z_1..z_t STOP | X) + log p_LM(Y | X z_1..z_t STOP)``, ``[len(rows), T+1]``
+        (not divided by the reward temperature; entries past a row's length are masked by the
+        loss). One pass over the rationales serves both terms."""
+        return self._scores(prompt_index, rows, T, with_rationale=True)
+
+    def _scores(self, prompt_index, rows, T, with_rationale: bool) -> torch.Tensor:
+        self._check_rows(prompt_index, rows, T)
+        pairs = [(b, t) for b, row in enumerate(rows) for t in range(len(row) + 1)]
+        answer = self.answer_tokens(prompt_index)
+        out = torch.zeros(len(rows), T + 1)
+        with self.reward.frozen() as (model, dev):
+            tokens = self._padded_rows(rows, T).to(dev)
+            h, cache = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens,
+                                     return_cache=True)
+            if with_rationale:
+                out += self._prefix_log_rewards(model, h, tokens, T)
+            ll = self._suffix_log_likelihood(model, cache, tokens, pairs, [answer] * len(pairs))
+        out[torch.tensor([b for b, _ in pairs]), torch.tensor([t for _, t in pairs])] += ll
+        return out
+
+    @torch.no_grad()
+    def choice_log_likelihoods(self, prompt_index: int, rows: list[list[int]],
+                               choices: list[str]) -> torch.Tensor:
+        """``[len(rows), len(choices)]`` float32: ``log p_LM(Y_c | X z STOP)`` after each whole
+        rationale ``rows[b]``, ``Y_c`` the answer template filled with choice c."""
+        T = max((len(r) for r in rows), default=0)
+        self._check_rows(prompt_index, rows, T)
+        ids = [self._encode_answer(self.answer_template.format(answer=c), "choices")
+               for c in choices]
+        pairs = [(b, len(row)) for b, row in enumerate(rows) for _ in choices]
+        with self.reward.frozen() as (model, dev):
+            tokens = self._padded_rows(rows, T).to(dev)
+            _, cache = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens,
+                                     return_cache=True)
+            ll = self._suffix_log_likelihood(model, cache, tokens, pairs, ids * len(rows))
+        return ll.view(len(rows), len(choices))
+
+    def _suffix_log_likelihood(self, model, cache, tokens, pairs, answers) -> torch.Tensor:
+        """For each pair ``(b, t)`` with its answer ids ``Y`` (``answers[i]``, lengths may
+        differ): ``log p_LM(Y | X z_1..z_t STOP)``, float32 ``[len(pairs)]`` on the CPU, from
+        ``cache``, the reward LM's KV cache of X ``tokens[b]`` (``tokens``: the padded
+        rationales, ``[B, width]``); the cache is consumed."""
+        dev, n, width = tokens.device, len(pairs), tokens.shape[1]
+        pad = self.pad_token_id
+        b_idx = torch.tensor([b for b, _ in pairs], dtype=torch.long)
+        prefix = torch.tensor([t for _, t in pairs], dtype=torch.long)
+        A = max(a.numel() for a in answers)
+        # STOP Y, right-padded (causal: padding after Y changes nothing before it)
+        suffix = torch.full((n, 1 + A), pad)
+        suffix[:, 0] = self.termination_token_id
+        lengths = torch.tensor([a.numel() for a in answers])
+        for i, a in enumerate(answers):
+            suffix[i, 1 : 1 + a.numel()] = a
+        # one copy of its row's cache per pair, cut to X z_1..z_t by the attention mask
+        # (cache positions P + t .. P + width - 1 hidden)
+        select_cache_rows(cache, b_idx.to(dev))
+        L = cache.get_seq_length()  # P + width
+        P = L - width
+        cols = torch.arange(L + 1 + A)
+        visible = (cols[None] < P + prefix[:, None]) | (cols[None] >= L)
+        positions = P + prefix[:, None] + torch.arange(1 + A)  # right after z_1..z_t
+        # STOP Y after each prefix: the state after STOP Y_<k predicts Y_k
+        h = model.get_decoder()(
+            input_ids=suffix.to(dev),
+            attention_mask=visible.to(dev, torch.long),
+            position_ids=positions.to(dev),
+            use_cache=True,
+            **{cache_kwarg(model): cache},
+        ).last_hidden_state[:, :A]
+        logp = lm_head_logprobs(
+            model, h.reshape(-1, h.shape[-1]), suffix[:, 1:].reshape(-1).to(dev), [],
+            fused=self.use_fused,
+        ).logp
+        inside = torch.arange(A)[None] < lengths[:, None]
+        return torch.where(inside, logp.float().cpu().view(n, A), 0.0).sum(1)
