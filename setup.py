@@ -79,7 +79,7 @@ setup(
     package_dir={"fastgfn.kernels": "kernels"},
     package_data={
         "fastgfn.kernels": ["cpu/*.cpp", "cpu/*.h"],
-        "fastgfn": ["configs/*.yaml", "configs/*.json", "data/README.md",
+        "fastgfn": ["configs/*.yaml", "configs/*.json", "configs/paper/*.yaml", "data/README.md",
                     "data/gfn-lm-tuning/LICENSE", "data/gfn-lm-tuning/*/*"],
     },
     ext_modules=[CMakeExtension("fastgfn._C")],

@@ -102,3 +102,20 @@ def test_compile_sampler_needs_a_replica():
                              "output_dir=/tmp/fastgfn_compile_sampler_cfg"])
     with pytest.raises(ValueError, match="compile_sampler"):
         Trainer(cfg)
+
+
+def test_lr_schedules():
+    """Warm-up to 1, then constant, cosine or linear decay to lr_min_ratio at `steps`."""
+    from fastgfn.trainer.engines import lr_factor
+
+    for name, mid in (("constant", 1.0), ("cosine", 0.55), ("linear", 0.55)):
+        cfg = load_config(None, ["model=tiny", "steps=110", "warmup_steps=10",
+                                 f"lr_schedule={name}", "lr_min_ratio=0.1"])
+        assert lr_factor(0, cfg) == pytest.approx(0.1)
+        assert lr_factor(9, cfg) == pytest.approx(1.0)
+        assert lr_factor(10, cfg) == pytest.approx(1.0)
+        assert lr_factor(60, cfg) == pytest.approx(mid)
+        assert lr_factor(110, cfg) == pytest.approx(1.0 if name == "constant" else 0.1)
+    linear = load_config(None, ["model=tiny", "steps=110", "warmup_steps=10",
+                                "lr_schedule=linear", "lr_min_ratio=0"])
+    assert lr_factor(35, linear) == pytest.approx(0.75)

@@ -180,8 +180,9 @@ def _exact_distributions(policy, task, temperature):
     V, term = policy.config.vocab_size, task.termination_token_id
     toks = [i for i in range(V) if i != term]
     pairs = torch.tensor(list(itertools.product(toks, toks)))  # [n^2, 2]
-    with torch.no_grad():
-        log_pf, log_pterm = gfn_logprobs(policy.eval(), task.prompt_tokens(0), pairs, term)
+    with torch.no_grad():  # the policy as it samples: with its own logit bias, if any
+        log_pf, log_pterm = gfn_logprobs(policy.eval(), task.prompt_tokens(0), pairs, term,
+                                         vocab_bias=task.policy_logit_bias())
         log_r = task.log_rewards(0, pairs.tolist(), 2).double()
     log_pf, log_pterm = log_pf.double(), log_pterm.double()
     first = pairs[:, 1] == toks[0]  # one row per first token for the 1-token continuations
@@ -273,3 +274,46 @@ def test_reward_model_can_be_another_model(tmp_path):
         Trainer(load_config(None, base + [f"reward_model={tmp_path / 'small'}"]))
     with pytest.raises(ValueError, match="reward_model"):
         load_config(None, ["reward_model=some/model"])  # random_number has no reward LM
+
+
+@pytest.mark.parametrize("in_policy", [True, False])
+def test_illegal_token_bias_is_part_of_the_policy(tmp_path, monkeypatch, in_policy):
+    """As in the paper, the illegal-token bias is added to the policy's own logits where it
+    samples and where it is scored (illegal_token_bias_in_policy, on by default); off, the
+    policy is the plain LM and only the reward sees the bias."""
+    import fastgfn.trainer.rollout as rollout
+    import fastgfn.trainer.trainer as trainer
+    from fastgfn.trainer import Trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ab\ncd\n")
+    cfg = load_config(None, [
+        "model=tiny", "tiny_hidden=32", "tiny_layers=1", "task=continuation",
+        f"data_path={prompts}", "termination=.", "batch_size=4", "max_new_tokens=3",
+        "steps=2", "replay_prob=0", "progress=false", "tensorboard=false", "eval_samples=0",
+        "sample_dtype=model", "save_model=false", f"illegal_token_bias_in_policy={in_policy}",
+        f"output_dir={tmp_path / 'o'}",
+    ])
+    seen = {"sample": [], "score": []}
+    sample, score = rollout.sample, trainer.gfn_logprobs
+
+    def spy_sample(*a, logit_bias=None, **kw):
+        seen["sample"].append(logit_bias)
+        return sample(*a, logit_bias=logit_bias, **kw)
+
+    def spy_score(*a, vocab_bias=None, **kw):
+        seen["score"].append(vocab_bias)
+        return score(*a, vocab_bias=vocab_bias, **kw)
+
+    monkeypatch.setattr(rollout, "sample", spy_sample)
+    monkeypatch.setattr(trainer, "gfn_logprobs", spy_score)
+    tr = Trainer(cfg)
+    tr.run()
+    want = tr.task.vocab_bias()
+    assert want is not None and (want < 0).any()
+    assert len(seen["sample"]) == len(seen["score"]) == 2
+    for bias in seen["sample"] + seen["score"]:
+        if in_policy:
+            torch.testing.assert_close(bias.cpu(), want)
+        else:
+            assert bias is None

@@ -160,6 +160,7 @@ def test_training_learns_the_posterior(tmp_path):
         _, logc = _exact_distributions(policy, no_answer, T)
         r = sample(policy.eval(), task.prompt_tokens(0), 512, max_new_tokens=2,
                    min_new_tokens=1, termination_token_id=task.termination_token_id,
+                   logit_bias=task.policy_logit_bias(),
                    generator=torch.Generator().manual_seed(123))
         ans = task.answer_log_likelihood(0, r.rows(), r.tokens.shape[1])
         answer = float(ans.gather(1, r.lengths[:, None]).mean())
@@ -236,11 +237,30 @@ def test_choice_log_likelihoods_match_brute_force(lm):
                             ).choice_log_likelihoods(0, [[]], [""])
 
 
+def _greedy_rationale(model, prompt, term, max_new, min_new):
+    """Greedy decoding by hand: the argmax token at each step, termination forbidden before
+    min_new tokens, stopping at termination (full forward passes, no cache)."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for t in range(max_new):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+            if t < min_new:
+                logits[term] = float("-inf")
+            nxt = int(logits.argmax())
+            if nxt == term:
+                break
+            out.append(nxt)
+            seq.append(nxt)
+    return out
+
+
 def test_answer_accuracy(lm, tmp_path):
-    """The prediction is the choice with the largest mean over rationales of the choice
-    probabilities normalised over the choices; zero-shot uses the empty rationale; only the
-    first eval_questions questions count. Recomputed from the scores the task returned, and
-    the zero-shot scores from a float64 brute force."""
+    """Per question: eval_rationales sampled rationales, one greedy rationale and the empty
+    one, scored in one call. Greedy: the likeliest choice after the greedy rationale (which
+    equals greedy decoding by hand); majority: the most frequent per-rationale choice; mean
+    probability: the largest mean of the choice probabilities normalised over the choices;
+    zero-shot: the empty rationale, its scores equal to a float64 brute force. Only the first
+    eval_questions questions count."""
     from fastgfn.trainer.engines.torch_engine import TorchEngine
     from fastgfn.trainer.evaluation import answer_accuracy
 
@@ -263,22 +283,32 @@ def test_answer_accuracy(lm, tmp_path):
 
     task.choice_log_likelihoods = spy
     got = answer_accuracy(engine, task, cfg, torch.Generator().manual_seed(0))
-    assert [c[0] for c in calls] == [0, 0, 1, 1, 2, 2]  # question 3 is not scored
-    correct = zero_correct = 0
-    for q in range(3):
-        _, rows, ll = calls[2 * q]
-        _, empty, ll0 = calls[2 * q + 1]
-        assert len(rows) == 5 and empty == [[]]
-        probs = torch.softmax(ll.double(), 1).mean(0)
-        correct += task.choices[int(probs.argmax())] == task.answers[q]
-        bf = [brute_force_answer(model, tok.encode(task.prompts[q]), [],
-                                 task.termination_token_id, tok.encode(f" {c}"))
+    assert [c[0] for c in calls] == [0, 1, 2]  # question 3 is not scored
+    correct = {"greedy": 0, "majority": 0, "mean": 0, "zero": 0}
+    term = task.termination_token_id
+    for q, (_, rows, ll) in enumerate(calls):
+        assert len(rows) == 7 and rows[-1] == []
+        prompt = tok.encode(task.prompts[q])
+        assert rows[5] == _greedy_rationale(model, prompt, term, 3, 1)
+        truth = task.answers[q]
+        votes = [int(x) for x in ll[:5].argmax(1)]
+        majority = max(range(2), key=lambda c: (votes.count(c), -c))
+        correct["greedy"] += task.choices[int(ll[5].argmax())] == truth
+        correct["majority"] += task.choices[majority] == truth
+        probs = torch.softmax(ll[:5].double(), 1).mean(0)
+        correct["mean"] += task.choices[int(probs.argmax())] == truth
+        bf = [brute_force_answer(model, prompt, [], term, tok.encode(f" {c}"))
               for c in task.choices]
-        torch.testing.assert_close(ll0[0].double(), torch.tensor(bf, dtype=torch.float64),
+        torch.testing.assert_close(ll[6].double(), torch.tensor(bf, dtype=torch.float64),
                                    atol=2e-4, rtol=0)
-        zero_correct += task.choices[int(torch.tensor(bf).argmax())] == task.answers[q]
-    assert got == {"answer_questions": 3, "answer_accuracy": correct / 3,
-                   "zero_shot_accuracy": zero_correct / 3}
+        correct["zero"] += task.choices[int(torch.tensor(bf).argmax())] == truth
+    assert got == {
+        "answer_questions": 3,
+        "answer_accuracy_greedy": correct["greedy"] / 3,
+        "answer_accuracy_majority": correct["majority"] / 3,
+        "answer_accuracy": correct["mean"] / 3,
+        "zero_shot_accuracy": correct["zero"] / 3,
+    }
 
 
 def test_trainer_reports_answer_accuracy(tmp_path):

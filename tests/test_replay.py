@@ -54,3 +54,23 @@ def test_json_round_trip():
     other = ReplayBuffer(1)
     other.load_state_dict(state)
     assert other.entries == buf.entries and other.capacity == 4
+
+
+def test_relative_near_duplicates():
+    """relative_distance (the paper's 0.25): near when the edit distance is below that
+    fraction of the summed lengths; a better near-duplicate replaces the stored one."""
+    buf = ReplayBuffer(capacity=5, relative_distance=0.25)
+    assert buf.add(0, [1, 2, 3, 4], -3.0)
+    # 1 edit < 0.25 * (4 + 4) = 2: a near-duplicate, worse, refused
+    assert not buf.add(0, [1, 2, 3, 5], -4.0)
+    # 2 edits are not < 2: distinct, stored
+    assert buf.add(0, [1, 2, 6, 7], -5.0)
+    # better near-duplicate of the first replaces it
+    assert buf.add(0, [1, 2, 3, 9], -1.0)
+    assert sorted(seq for _, seq in buf.entries[0]) == [[1, 2, 3, 9], [1, 2, 6, 7]]
+    state = buf.state_dict()
+    again = ReplayBuffer(capacity=1)
+    again.load_state_dict(state)
+    assert again.relative_distance == 0.25 and again.entries == buf.entries
+    with pytest.raises(ValueError, match="relative_distance"):
+        ReplayBuffer(capacity=5, relative_distance=1.5)

@@ -202,6 +202,41 @@ def test_temperatures():
     assert ((t[tempered] >= 1.5) & (t[tempered] <= 2.5)).all()
 
 
+def test_per_batch_temperatures_share_one_draw():
+    """explore_mode=per_batch (the paper's): one temperature for every row of a batch, drawn
+    from [low, high] with probability prob, else 1."""
+    g = torch.Generator().manual_seed(0)
+    batches = [draw_temperatures(16, prob=0.6, low=0.5, high=2.0, generator=g, per_batch=True)
+               for _ in range(400)]
+    assert all(b.shape == (16,) and (b == b[0]).all() for b in batches)
+    first = torch.stack([b[0] for b in batches])
+    tempered = first != 1.0
+    assert 0.5 < tempered.float().mean() < 0.7
+    assert ((first[tempered] >= 0.5) & (first[tempered] <= 2.0)).all()
+
+
+def test_logit_bias_is_added_before_the_temperature(tiny):
+    """The policy's own bias (the paper's illegal-token penalty) is part of the logits that the
+    exploration temperature divides: p = softmax((logits + bias) / T)."""
+    model, tok = tiny
+    prompt = torch.tensor(tok.encode("hi"))
+    bias = torch.zeros(len(tok))
+    bias[torch.arange(2, len(tok), 3)] = -3.0
+    g = torch.Generator().manual_seed(2)
+    r = sample(model, prompt, 6000, max_new_tokens=1, termination_token_id=1, generator=g,
+               temperatures=2.0, logit_bias=bias)
+    with torch.no_grad():
+        logits = model(input_ids=prompt[None]).logits[0, -1].float()
+    p = torch.softmax((logits + bias) / 2.0, -1)
+    wrong = torch.softmax(logits / 2.0 + bias, -1)  # the bias after the temperature
+    first = torch.where(r.terminated, torch.ones_like(r.lengths), r.tokens[:, 0])
+    freq = torch.bincount(first, minlength=len(tok)).float() / 6000
+    assert (freq - p).abs().max() < 0.025
+    biased = bias < 0  # the mass on the biased tokens tells the two orders apart
+    assert abs(float(freq[biased].sum() - p[biased].sum())) < 0.02
+    assert float(p[biased].sum() - wrong[biased].sum()) > 0.05
+
+
 def test_sample_validates(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="prompt_ids"):

@@ -115,11 +115,12 @@ def build(cfg) -> Components:
     disable_dropout(model)
     engine = build_engine(model, cfg, ds_config)
     streams.place(engine.device)
-    buffer = ReplayBuffer(cfg.replay_size, cfg.replay_min_distance)
+    buffer = ReplayBuffer(cfg.replay_size, cfg.replay_min_distance, cfg.replay_relative_distance)
     rollouts = Rollouts(cfg, task, engine, build_replica(engine, cfg), buffer, streams.py_rng,
                         streams.generator)
     return Components(rank(), world_size(), streams, tokenizer, task, answer_task, engine,
-                      Objective(cfg, engine.device), buffer, rollouts, load_seconds)
+                      Objective(cfg, engine.device, task.num_prompts()), buffer, rollouts,
+                      load_seconds)
 
 
 def peak_memory_mb(device: torch.device) -> float:

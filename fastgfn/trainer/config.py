@@ -49,6 +49,8 @@ class Config:
     #   or another causal LM with the policy's vocabulary (hub name, directory or .gguf file)
     illegal_token_bias: float = -50.0  # continuation: added to the reward LM's logits of
     #   illegal tokens (special tokens, line breaks, other tokens containing the termination)
+    illegal_token_bias_in_policy: bool = True  # the paper's behaviour: the policy is the LM's
+    #   logits plus the same bias, when it samples (before the temperature) and when it is scored
     reward_temperature: float = 1.0
     reward_temperature_end: float | None = None  # linear schedule to this value
     reward_temperature_steps: int = 0
@@ -59,6 +61,8 @@ class Config:
     explore_prob: float = 0.25
     explore_temp_low: float = 1.0
     explore_temp_high: float = 1.5
+    explore_mode: str = "per_row"  # "per_row": each row tempered with probability explore_prob;
+    #   "per_batch" (the paper's): one temperature for the whole batch, with that probability
     explore_vocab_prob: float = 0.5  # rows sampled with the vocabulary restricted to the task's
     #                                  allowed tokens (the random-number task: digits + termination)
     replay_prob: float = 0.5
@@ -71,6 +75,8 @@ class Config:
     #                         task can tell): a forced stop there with the invalid reward
     replay_size: int = 128
     replay_min_distance: int = 0  # near-duplicate threshold (token edit distance); 0: exact only
+    replay_relative_distance: float = 0.0  # near-duplicate when the edit distance is below this
+    #   fraction of the two lengths' sum (the paper's 0.25); 0: off
     # loss --------------------------------------------------------------------------------
     loss: str = "subtb"  # "subtb", "tb", "vargrad", "db"
     subtb_lambda: float = 1.0
@@ -78,12 +84,19 @@ class Config:
     log_z_auto_init: bool = False  # at the first step set log Z to the first batch's mean of
     #   log R(z) - log q(z): the TB-optimal log Z for the initial policy (log_z_init ignored)
     log_z_lr: float = 0.1
+    initial_flow: str = "auto"  # the flow of the empty state s0 (docs/MATH.md §3): "policy"
+    #   (log F(s0|X) = log R_floor - log q(STOP|s0,X), per prompt), "log_z" (a learned log Z per
+    #   prompt), "global_log_z" (one learned scalar for every prompt: right for one prompt only);
+    #   "auto": "policy" for tasks with several prompts, "log_z" for one
+    min_length_log_reward: float = -99.0  # log-reward of states shorter than min_new_tokens
+    #   (before tempering; the paper's -99): they stay in the loss, so q(STOP) there is driven to 0
     # optimisation ------------------------------------------------------------------------
     steps: int = 150
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    lr_schedule: str = "cosine"  # "constant" or "cosine" (decays to lr * lr_min_ratio at steps)
+    lr_schedule: str = "cosine"  # "constant", "cosine" or "linear" (decay to lr * lr_min_ratio
+    #                              at steps)
     lr_min_ratio: float = 0.1
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -126,10 +139,12 @@ class Config:
 
 _CHOICES = {
     "loss": ("subtb", "tb", "vargrad", "db"),
+    "initial_flow": ("auto", "policy", "log_z", "global_log_z"),
+    "explore_mode": ("per_row", "per_batch"),
     "dtype": ("float32", "bfloat16", "float16"),
     "sample_dtype": ("auto", "model", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "lr_schedule": ("constant", "cosine"),
+    "lr_schedule": ("constant", "cosine", "linear"),
 }
 _POSITIVE = (
     "batch_size", "max_new_tokens", "steps", "lr", "grad_accum", "eval_batch_size",
@@ -142,7 +157,8 @@ _NON_NEGATIVE = (
     "replay_min_distance", "num_threads", "reward_temperature_steps", "subtb_lambda",
     "lora_dropout",
 )
-_PROBS = ("explore_prob", "replay_prob", "explore_vocab_prob", "lr_min_ratio")
+_PROBS = ("explore_prob", "replay_prob", "explore_vocab_prob", "lr_min_ratio",
+          "replay_relative_distance")
 
 
 def _check_numbers(cfg: Config) -> None:
@@ -166,6 +182,10 @@ def _check_numbers(cfg: Config) -> None:
         raise ConfigError(
             f"explore_temp_low: must be <= explore_temp_high ({cfg.explore_temp_high}), "
             f"got {cfg.explore_temp_low}"
+        )
+    if not (math.isfinite(cfg.min_length_log_reward) and cfg.min_length_log_reward <= 0):
+        raise ConfigError(
+            f"min_length_log_reward: must be finite and <= 0, got {cfg.min_length_log_reward}"
         )
     if cfg.illegal_token_bias > 0:
         raise ConfigError(f"illegal_token_bias: must be <= 0, got {cfg.illegal_token_bias}")

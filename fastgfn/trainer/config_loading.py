@@ -3,7 +3,8 @@ validation (``fastgfn.trainer.config.validate``).
 
 Files are found wherever the user is: ``--config`` names a YAML file, or a config shipped with
 fastgfn by its name (``configs/continuation.yaml``, ``continuation.yaml`` or ``continuation``
-all find the packaged ``fastgfn/configs/continuation.yaml`` when no such file exists here).
+all find the packaged ``fastgfn/configs/continuation.yaml`` when no such file exists here;
+``paper/continuation`` the paper's settings in ``fastgfn/configs/paper/``).
 Relative paths inside a config file (``data_path``, ``eval_data_path``, ``deepspeed_config``)
 are taken relative to the config file, else to the fastgfn package (where the task data it
 ships lives: ``data/gfn-lm-tuning/...``); on the command line, relative to the working
@@ -116,7 +117,9 @@ def find_config_file(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (path.name, path.name + ".yaml"):
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    relative = Path(*parts) if parts else path
+    for candidate in (relative, relative.with_name(relative.name + ".yaml")):
         packaged = PACKAGED_CONFIGS / candidate
         if packaged.is_file():
             return packaged

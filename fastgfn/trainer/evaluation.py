@@ -41,9 +41,12 @@ def sample_texts(engine, task, cfg, n: int, generator: torch.Generator, progress
     return texts[:n], terms[:n]
 
 
-def policy_samples(engine, task, cfg, prompt_index: int, n: int, generator):
-    """``n`` continuations of prompt ``prompt_index`` from the policy as it is (temperature 1,
-    no exploration, no vocabulary bias), within the run's length limits."""
+def policy_samples(engine, task, cfg, prompt_index: int, n: int, generator,
+                   temperature: float = 1.0):
+    """``n`` continuations of prompt ``prompt_index`` from the policy as it is (no exploration,
+    no vocabulary restriction; the task's ``policy_logit_bias`` is part of the policy), at
+    ``temperature`` (0: greedy), within the run's length limits."""
+    bias = task.policy_logit_bias()
     return sample(
         engine.module,
         task.prompt_tokens(prompt_index).to(engine.device),
@@ -51,6 +54,8 @@ def policy_samples(engine, task, cfg, prompt_index: int, n: int, generator):
         max_new_tokens=cfg.max_new_tokens,
         min_new_tokens=cfg.min_new_tokens,
         termination_token_id=task.termination_token_id,
+        temperatures=temperature,
+        logit_bias=None if bias is None else bias.to(engine.device),
         pad_token_id=task.pad_token_id,
         generator=generator,
     )
@@ -90,33 +95,32 @@ def build_answer_task(cfg, task, tokenizer, reward):
 
 @torch.no_grad()
 def answer_accuracy(engine, task, cfg, generator) -> dict:
-    """Reasoning task, on its first ``eval_questions`` questions (0: all): for each,
-    ``eval_rationales`` rationales from the policy (temperature 1, no exploration), then the
-    reward LM's probability of each choice after each rationale, normalised over the
-    choices, ``p(c | X z) = p(Y_c | X z STOP) / sum_c' p(Y_c' | X z STOP)``. The prediction
-    is the choice with the largest mean of ``p(c | X z)`` over the rationales (the paper's
-    "sample rationales, then the answer" classifier); the zero-shot prediction uses the empty
-    rationale (``X STOP Y_c``). Questions are split over the ranks, each rank taking the same
-    number (ZeRO-3: the same calls), and the counts are summed."""
-    choices = task.choices
+    """Reasoning task, on its first ``eval_questions`` questions (0: all). For each, the
+    reward LM scores every choice c after a rationale z, ``log p(Y_c | X z STOP)``, and a
+    rationale's prediction is its likeliest choice. Four accuracies (the paper's evaluation
+    and two more):
+
+    - greedy: the prediction after one rationale decoded greedily from the policy;
+    - majority: the most frequent prediction over ``eval_rationales`` rationales sampled at
+      temperature 1 (ties go to the choice listed first);
+    - mean probability: the choice with the largest mean over those rationales of
+      ``p(c | X z) = p(Y_c | X z STOP) / sum_c' p(Y_c' | X z STOP)``;
+    - zero-shot: the prediction after the empty rationale (``X STOP Y_c``).
+
+    Questions are split over the ranks, each rank taking the same number (ZeRO-3: the same
+    calls), and the counts are summed."""
     n = task.num_prompts() if cfg.eval_questions <= 0 else min(cfg.eval_questions,
                                                                 task.num_prompts())
     per_rank = math.ceil(n / world_size())
-    counts = torch.zeros(3, dtype=torch.float64)  # questions, correct, zero-shot correct
+    counts = torch.zeros(5, dtype=torch.float64)  # questions, greedy, majority, mean, zero-shot
     with eval_mode(engine.module):
         for j in range(per_rank):
             i = rank() * per_rank + j
             real = i < n
             i = i % n  # padding: a repeat that is not counted
-            with engine.param_context():
-                r = policy_samples(engine, task, cfg, i, cfg.eval_rationales, generator)
-            ll = task.choice_log_likelihoods(i, r.rows(), choices)  # [rationales, C]
-            pred = int(ll.log_softmax(1).exp().mean(0).argmax())
-            zero = int(task.choice_log_likelihoods(i, [[]], choices)[0].argmax())
+            correct = _question_predictions(engine, task, cfg, i, generator)
             if real:
-                truth = task.answers[i]
-                counts += torch.tensor([1.0, choices[pred] == truth, choices[zero] == truth],
-                                       dtype=torch.float64)
+                counts += torch.tensor([1.0, *correct], dtype=torch.float64)
     if world_size() > 1:
         counts = counts.to(engine.device)
         torch.distributed.all_reduce(counts)
@@ -124,6 +128,26 @@ def answer_accuracy(engine, task, cfg, generator) -> dict:
     total = max(1.0, float(counts[0]))
     return {
         "answer_questions": int(counts[0]),
-        "answer_accuracy": float(counts[1]) / total,
-        "zero_shot_accuracy": float(counts[2]) / total,
+        "answer_accuracy_greedy": float(counts[1]) / total,
+        "answer_accuracy_majority": float(counts[2]) / total,
+        "answer_accuracy": float(counts[3]) / total,
+        "zero_shot_accuracy": float(counts[4]) / total,
     }
+
+
+def _question_predictions(engine, task, cfg, i: int, generator) -> list[bool]:
+    """Whether the greedy, majority, mean-probability and zero-shot predictions of question
+    ``i`` are its answer (one scoring call for all rationales)."""
+    choices = task.choices
+    with engine.param_context():
+        sampled = policy_samples(engine, task, cfg, i, cfg.eval_rationales, generator).rows()
+        greedy = policy_samples(engine, task, cfg, i, 1, generator, temperature=0.0).rows()
+    ll = task.choice_log_likelihoods(i, sampled + greedy + [[]], choices)  # [R + 2, C]
+    votes = torch.bincount(ll[: len(sampled)].argmax(1), minlength=len(choices))
+    preds = [
+        int(ll[len(sampled)].argmax()),  # greedy
+        int(votes.argmax()),  # majority (argmax: the first of tied choices)
+        int(ll[: len(sampled)].log_softmax(1).exp().mean(0).argmax()),  # mean probability
+        int(ll[-1].argmax()),  # zero-shot
+    ]
+    return [choices[p] == task.answers[i] for p in preds]

@@ -2,14 +2,23 @@
 
 Everything GFlowNet-specific between the scores and ``loss.backward()`` lives here:
 
-- the reward temperature schedule (``log_r = log R / T``);
+- the rewards the loss sees: states shorter than ``min_new_tokens`` (where sampling never
+  stops) get the floor ``min_length_log_reward`` instead of their raw reward, then
+  everything is divided by the reward temperature (its schedule is here too);
 - dead ends: a row that reaches a state the task says can never become valid is cut there
   and ends as a forced stop (``log q(STOP | dead state) = 0``) with the task's reward;
-- the flow of the initial state s_0: when termination is forbidden there
-  (``min_new_tokens >= 1``), SubTB and DB take s_0's flow from a learned log Z
-  (``log_r[0] - log_pterm[0] = log Z``);
-- log Z itself (``LogZ``: a scalar with its own Adam, averaged over the ranks), its
-  initialisation from the first batch (``log_z_auto_init``), and TB's use of it;
+- the flow of the initial state s_0 given the prompt X, ``log F(s_0 | X) = log Z(X)``
+  (``initial_flow``). ``policy``: every state keeps its flow ``log R(s) - log q(STOP | s)``
+  from the policy's own termination probability, s_0 included (with the floor reward when
+  it cannot stop), so Z(X) is amortised over prompts by the policy itself, as in the paper.
+  ``log_z``: when termination is forbidden at s_0 (``min_new_tokens >= 1``), SubTB and DB
+  take s_0's flow from a learned log Z per prompt (``log_r[0] - log_pterm[0] = log Z(X)``).
+  ``global_log_z``: one learned scalar for every prompt (right only for one prompt: prompts'
+  partition functions differ by many nats). ``auto``: ``policy`` with several prompts,
+  ``log_z`` with one;
+- log Z itself (``LogZ``: one value per prompt, or one for all, with its own Adam, averaged
+  over the ranks), its initialisation from the first batch (``log_z_auto_init``), and TB's
+  use of it (TB's log Z(X) is the same table: a fixed prompt set, unseen prompts refused);
 - the loss choice (``loss``: subtb, db, tb, vargrad).
 """
 
@@ -25,12 +34,25 @@ LOSSES = ("subtb", "db", "tb", "vargrad")
 
 
 class LogZ:
-    """A learned scalar log Z with its own Adam (learning rate ``log_z_lr``; none when 0). Its
-    gradient is averaged over the ranks before each step, so every rank keeps the same value."""
+    """Learned log Z values, one per prompt (``size`` of them; a scalar when ``size`` is 1),
+    with their own Adam (learning rate ``log_z_lr``; none when 0). The gradient is averaged
+    over the ranks before each step, so every rank keeps the same values."""
 
-    def __init__(self, init: float, lr: float, device=None):
-        self.param = torch.nn.Parameter(torch.tensor(float(init), device=device))
+    def __init__(self, init: float, lr: float, device=None, size: int = 1):
+        shape = () if size == 1 else (size,)
+        self.param = torch.nn.Parameter(torch.full(shape, float(init), device=device))
         self.opt = torch.optim.Adam([self.param], lr=lr) if lr > 0 else None
+
+    def __getitem__(self, prompt_index: int) -> torch.Tensor:
+        """log Z of prompt ``prompt_index`` (a differentiable scalar)."""
+        if self.param.dim() == 0:
+            return self.param
+        if not 0 <= prompt_index < self.param.shape[0]:
+            raise ValueError(
+                f"prompt_index: log Z is learned for the {self.param.shape[0]} prompts of the "
+                f"training set, got prompt {prompt_index}"
+            )
+        return self.param[prompt_index]
 
     def step(self) -> None:
         if self.opt is None or self.param.grad is None:
@@ -40,8 +62,8 @@ class LogZ:
         self.opt.zero_grad(set_to_none=True)
 
     def reset(self, value: torch.Tensor) -> float:
-        """Set log Z to ``value`` averaged over the ranks; the Adam moments start afresh.
-        Returns the value set."""
+        """Set every log Z to ``value`` averaged over the ranks; the Adam moments start
+        afresh. Returns the value set."""
         value = all_reduce_mean_(value.detach().to(self.param).reshape(()).clone())
         with torch.no_grad():
             self.param.fill_(value)
@@ -49,8 +71,8 @@ class LogZ:
             self.opt.state.clear()
         return float(value)
 
-    def value(self) -> float:
-        return float(self.param.detach())
+    def value(self, prompt_index: int = 0) -> float:
+        return float(self[prompt_index].detach())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (saved as safetensors): the value and the Adam state, if any."""
@@ -69,14 +91,23 @@ class LogZ:
             self.opt.state[self.param] = adam
 
 
+def resolve_initial_flow(requested: str, num_prompts: int) -> str:
+    """``initial_flow``: 'auto' is 'policy' for several prompts and 'log_z' for one."""
+    if requested != "auto":
+        return requested
+    return "policy" if num_prompts > 1 else "log_z"
+
+
 class Objective:
     """The loss of a scored batch, and the state it learns (log Z)."""
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, num_prompts: int = 1):
         if cfg.loss not in LOSSES:
             raise ConfigError(f"loss: must be one of {LOSSES}, got {cfg.loss!r}")
         self.cfg = cfg
-        self.log_z = LogZ(cfg.log_z_init, cfg.log_z_lr, device)
+        self.initial_flow = resolve_initial_flow(cfg.initial_flow, num_prompts)
+        size = 1 if self.initial_flow == "global_log_z" else num_prompts
+        self.log_z = LogZ(cfg.log_z_init, cfg.log_z_lr, device, size)
         self._log_z_set = False
 
     def reward_temperature(self, step: int) -> float:
@@ -86,6 +117,16 @@ class Objective:
             return cfg.reward_temperature
         f = min(1.0, step / cfg.reward_temperature_steps)
         return cfg.reward_temperature + f * (cfg.reward_temperature_end - cfg.reward_temperature)
+
+    def tempered_log_rewards(self, log_r: torch.Tensor, step: int) -> torch.Tensor:
+        """``log R`` of every prefix (``[B, T + 1]``, untempered) as the loss sees it: states
+        shorter than ``min_new_tokens`` at the floor ``min_length_log_reward``, then divided
+        by the reward temperature at ``step``."""
+        short = min(self.cfg.min_new_tokens, log_r.shape[1])
+        if short > 0:
+            log_r = log_r.clone()
+            log_r[:, :short] = self.cfg.min_length_log_reward
+        return log_r / self.reward_temperature(step)
 
     def cut_dead_ends(self, task, rows: list[list[int]], lengths: torch.Tensor) -> torch.Tensor:
         """Cut every row at its first dead state (``task.dead_index``; with ``dead_ends``):
@@ -101,9 +142,11 @@ class Objective:
                 dead[b] = True
         return dead
 
-    def loss(self, log_pf, log_pterm, log_r, lengths, dead) -> torch.Tensor:
-        """The configured loss of one micro-batch. ``log_r`` is already tempered; ``dead``
-        marks rows that end at a dead end (forced stop)."""
+    def loss(self, log_pf, log_pterm, log_r, lengths, dead, prompt_index: int = 0):
+        """``(loss, log F(s_0 | X))`` of one micro-batch of prompt ``prompt_index``. ``log_r``
+        comes from ``tempered_log_rewards``; ``dead`` marks rows that end at a dead end
+        (forced stop). The second value is the flow of the initial state the loss used (the
+        learned log Z, or the batch mean of the policy's own), for logging."""
         cfg = self.cfg
         log_pf, log_pterm = log_pf.float(), log_pterm.float()
         if dead.any():  # a dead end is a forced stop: P(STOP | dead state) = 1
@@ -111,22 +154,30 @@ class Objective:
             log_pterm = log_pterm.masked_fill((at_end & dead[:, None]).to(log_pterm.device), 0.0)
         if cfg.log_z_auto_init and not self._log_z_set:
             self._init_log_z(log_pf, log_pterm, log_r, lengths)
-        if cfg.min_new_tokens >= 1 and cfg.loss in ("subtb", "db"):
-            log_pterm, log_r = self._s0_flow_from_log_z(log_pterm, log_r)
+        log_z = self.log_z[prompt_index]
+        uses_log_z = self.initial_flow != "policy" and cfg.min_new_tokens >= 1
+        if uses_log_z and cfg.loss in ("subtb", "db"):
+            log_pterm, log_r = self._s0_flow_from_log_z(log_pterm, log_r, log_z)
+        flow = log_z if uses_log_z or cfg.loss == "tb" else (log_r[:, 0] - log_pterm[:, 0]).mean()
+        return self._loss_of(log_pf, log_pterm, log_r, lengths, log_z), float(flow.detach())
+
+    def _loss_of(self, log_pf, log_pterm, log_r, lengths, log_z):
+        cfg = self.cfg
         if cfg.loss == "subtb":
             return fastgfn.subtb_loss(log_pf, log_pterm, log_r, lengths, lam=cfg.subtb_lambda)
         if cfg.loss == "db":
             return fastgfn.db_loss(log_pf, log_pterm, log_r, lengths)
         if cfg.loss == "tb":
-            return fastgfn.tb_loss(log_pf, log_pterm, log_r, lengths, self.log_z.param)
+            return fastgfn.tb_loss(log_pf, log_pterm, log_r, lengths, log_z)
         return fastgfn.vargrad_loss(log_pf, log_pterm, log_r, lengths)
 
-    def _s0_flow_from_log_z(self, log_pterm, log_r):
+    @staticmethod
+    def _s0_flow_from_log_z(log_pterm, log_r, log_z):
         """s_0 cannot terminate: its flow R(s_0) / P(STOP | s_0) is the learned log Z
         (``log_r[0] - log_pterm[0] = log Z``)."""
         log_r = log_r.clone()
         log_r[:, 0] = 0.0
-        s0 = (-self.log_z.param).expand(log_pterm.shape[0], 1).to(log_pterm)
+        s0 = (-log_z).expand(log_pterm.shape[0], 1).to(log_pterm)
         return torch.cat([s0, log_pterm[:, 1:]], dim=1), log_r
 
     def _init_log_z(self, log_pf, log_pterm, log_r, lengths) -> None:

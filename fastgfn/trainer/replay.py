@@ -1,13 +1,15 @@
 """Replay buffer: per prompt, the top-K distinct sequences by log-reward.
 
 A new sequence enters when it is not already stored and beats the worst stored one (or there
-is room). With ``min_distance > 0`` a sequence within that token edit distance of a stored one
-is a near-duplicate: it replaces the stored one only when its log-reward is higher. The
-buffer serialises to JSON (``state_dict`` / ``load_state_dict``), never pickle.
+is room). A near-duplicate of a stored sequence replaces it only when its log-reward is
+higher: near means within ``min_distance`` token edits, or (``relative_distance`` > 0, the
+paper's 0.25) fewer edits than ``relative_distance`` times the two sequences' summed
+lengths. The buffer serialises to JSON (``state_dict`` / ``load_state_dict``), never pickle.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -29,12 +31,24 @@ def edit_distance(a: list[int], b: list[int], cap: int | None = None) -> int:
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, min_distance: int = 0):
+    def __init__(self, capacity: int, min_distance: int = 0, relative_distance: float = 0.0):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if not 0.0 <= relative_distance <= 1.0:
+            raise ValueError(f"relative_distance must lie in [0, 1], got {relative_distance}")
         self.capacity = capacity
         self.min_distance = min_distance
+        self.relative_distance = float(relative_distance)
         self.entries: dict[int, list[tuple[float, list[int]]]] = {}
+
+    def near(self, a: list[int], b: list[int]) -> bool:
+        """Whether ``a`` and ``b`` are near-duplicates (the thresholds above)."""
+        if self.min_distance > 0 and edit_distance(a, b, self.min_distance) <= self.min_distance:
+            return True
+        if self.relative_distance > 0:
+            limit = self.relative_distance * (len(a) + len(b))
+            return edit_distance(a, b, math.ceil(limit)) < limit
+        return False
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.entries.values())
@@ -50,10 +64,7 @@ class ReplayBuffer:
         for k, (lr, seq) in enumerate(items):
             if seq == tokens:
                 return False
-            if (
-                self.min_distance > 0
-                and edit_distance(seq, tokens, self.min_distance) <= self.min_distance
-            ):
+            if self.near(seq, tokens):
                 if log_reward > lr:
                     items[k] = (log_reward, tokens)
                     items.sort(key=lambda e: -e[0])
@@ -89,12 +100,14 @@ class ReplayBuffer:
         return {
             "capacity": self.capacity,
             "min_distance": self.min_distance,
+            "relative_distance": self.relative_distance,
             "entries": {str(p): [[lr, seq] for lr, seq in v] for p, v in self.entries.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity = int(state["capacity"])
         self.min_distance = int(state["min_distance"])
+        self.relative_distance = float(state.get("relative_distance", 0.0))
         self.entries = {
             int(p): [(float(lr), [int(t) for t in seq]) for lr, seq in v]
             for p, v in state["entries"].items()

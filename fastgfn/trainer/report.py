@@ -37,16 +37,18 @@ def format_table(before: dict | None, after: dict) -> str:
         ("exact valid mass", "exact_valid_mass", "{:.4f}"),
         ("exact KL(policy|valid||uniform)", "exact_kl_uniform", "{:.4f}"),
         ("answer questions", "answer_questions", "{:d}"),
-        ("answer accuracy (rationales)", "answer_accuracy", "{:.4f}"),
+        ("answer accuracy (greedy rationale)", "answer_accuracy_greedy", "{:.4f}"),
+        ("answer accuracy (majority vote)", "answer_accuracy_majority", "{:.4f}"),
+        ("answer accuracy (mean probability)", "answer_accuracy", "{:.4f}"),
         ("answer accuracy (zero-shot)", "zero_shot_accuracy", "{:.4f}"),
     ]
     lines = [
-        f"| {'metric':<32} | {'before':>10} | {'after':>10} |",
-        f"|{'-' * 34}|{'-' * 12}|{'-' * 12}|",
+        f"| {'metric':<36} | {'before':>10} | {'after':>10} |",
+        f"|{'-' * 38}|{'-' * 12}|{'-' * 12}|",
     ]
     for label, key, fmt in rows:
         if key not in after:
             continue
         b = fmt.format(before[key]) if before and key in before else "-"
-        lines.append(f"| {label:<32} | {b:>10} | {fmt.format(after[key]):>10} |")
+        lines.append(f"| {label:<36} | {b:>10} | {fmt.format(after[key]):>10} |")
     return "\n".join(lines)

@@ -4,8 +4,9 @@ buffer.
 Each micro-batch picks one prompt and ``batch_size`` rows that continue it. With probability
 ``replay_prob`` (when the buffer holds rows of that prompt) the rows are drawn from the replay
 buffer; otherwise they are sampled with no gradient from the behaviour policy: the policy (or
-its low-precision sampling replica), tempered per row with probability ``explore_prob``
-(temperature uniform in ``[explore_temp_low, explore_temp_high]``), with a fraction
+its low-precision sampling replica, and with the task's ``policy_logit_bias``), tempered with
+probability ``explore_prob`` per row, or per batch (``explore_mode``; temperature uniform in
+``[explore_temp_low, explore_temp_high]``, applied after the policy's bias), with a fraction
 ``explore_vocab_prob`` of rows restricted to the task's allowed tokens, and termination
 forbidden before ``min_new_tokens``. GFlowNet losses are off-policy, so any of these is a
 valid behaviour policy. Freshly sampled rows are offered to the buffer once scored.
@@ -47,6 +48,8 @@ class Rollouts:
                  py_rng: random.Random, generator: torch.Generator):
         self.cfg, self.task, self.engine, self.replica = cfg, task, engine, replica
         self.buffer, self.py_rng, self.generator = buffer, py_rng, generator
+        bias = task.policy_logit_bias()
+        self.policy_bias = None if bias is None else bias.to(engine.device)
 
     def next_batch(self) -> Batch:
         prompt_index = self.py_rng.randrange(self.task.num_prompts())
@@ -82,7 +85,8 @@ class Rollouts:
     def _sample(self, prompt_index: int) -> Batch:
         cfg = self.cfg
         temps = draw_temperatures(cfg.batch_size, prob=cfg.explore_prob, low=cfg.explore_temp_low,
-                                  high=cfg.explore_temp_high, generator=self.generator)
+                                  high=cfg.explore_temp_high, generator=self.generator,
+                                  per_batch=cfg.explore_mode == "per_batch")
         bias = self._vocab_restriction()
         with eval_mode(self.engine.module) as model:
             behaviour = model if self.replica is None else self.replica.sync(model)
@@ -94,6 +98,7 @@ class Rollouts:
                 min_new_tokens=cfg.min_new_tokens,
                 termination_token_id=self.task.termination_token_id,
                 temperatures=temps,
+                logit_bias=self.policy_bias,
                 vocab_bias=bias,
                 pad_token_id=self.task.pad_token_id,
                 generator=self.generator,

@@ -55,7 +55,6 @@ class Trainer:
         metrics.update(
             grad_norm=grad_norm,
             lr=self.engine.lr(),
-            log_z=self.objective.log_z.value(),
             tokens_per_s=tokens / dt,
             step_s=dt,
             peak_memory_mb=components.peak_memory_mb(self.engine.device),
@@ -68,23 +67,26 @@ class Trainer:
         cfg, task, dev = self.cfg, self.task, self.engine.device
         batch = self.rollouts.next_batch()
         dead = self.objective.cut_dead_ends(task, batch.rows, batch.lengths)
-        log_r = task.log_rewards(batch.prompt_index, batch.rows, batch.width)
-        temperature = self.objective.reward_temperature(self.step)
+        log_r = task.log_rewards(batch.prompt_index, batch.rows, batch.width)  # untempered
         log_pf, log_pterm = gfn_logprobs(
             self.engine.module, task.prompt_tokens(batch.prompt_index).to(dev),
             batch.tokens.to(dev), task.termination_token_id, use_fused=cfg.use_fused_logprobs,
+            vocab_bias=self.rollouts.policy_bias,
         )
-        loss = self.objective.loss(log_pf, log_pterm, (log_r / temperature).to(dev),
-                                   batch.lengths.to(dev), dead)
+        loss, flow = self.objective.loss(
+            log_pf, log_pterm, self.objective.tempered_log_rewards(log_r, self.step).to(dev),
+            batch.lengths.to(dev), dead, batch.prompt_index,
+        )
         self.engine.backward(loss)
-        final = log_r.gather(1, batch.lengths[:, None]).squeeze(1)  # untempered
+        final = log_r.gather(1, batch.lengths[:, None]).squeeze(1)
         self.rollouts.remember(batch, final.tolist())
         return {
             "loss": float(loss.detach()),
             "log_reward": float(final.mean()),
             "length": float(batch.lengths.float().mean()),
             "replayed": float(batch.replayed),
-            "reward_temperature": temperature,
+            "reward_temperature": self.objective.reward_temperature(self.step),
+            "log_z": flow,
             "rows": len(batch.rows),
         }
 

@@ -46,14 +46,16 @@ class Engine(Protocol):
 
 
 def lr_factor(step: int, cfg) -> float:
-    """Linear warm-up, then constant or cosine decay to ``lr_min_ratio`` at ``steps``."""
+    """Linear warm-up, then constant, or cosine or linear decay to ``lr_min_ratio`` at
+    ``steps``."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return 1.0
     span = max(1, cfg.steps - cfg.warmup_steps)
     f = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * f))
+    shape = 1 - f if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * f))
+    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * shape
 
 
 def adamw_with_schedule(params, cfg, fused: bool = False):

@@ -56,13 +56,16 @@ def draw_temperatures(
     low: float,
     high: float,
     generator: torch.Generator | None = None,
+    per_batch: bool = False,
 ) -> torch.Tensor:
     """Tempered exploration: with probability ``prob`` a row's temperature is drawn uniformly
-    from ``[low, high]``, otherwise it is 1."""
+    from ``[low, high]``, otherwise it is 1. ``per_batch``: one draw for the whole batch (the
+    paper's scheme)."""
     device = generator.device if generator is not None else None
-    u = torch.rand(batch_size, generator=generator, device=device)
-    t = low + (high - low) * torch.rand(batch_size, generator=generator, device=device)
-    return torch.where(u < prob, t, torch.ones_like(t))
+    n = 1 if per_batch else batch_size
+    u = torch.rand(n, generator=generator, device=device)
+    t = low + (high - low) * torch.rand(n, generator=generator, device=device)
+    return torch.where(u < prob, t, torch.ones_like(t)).expand(batch_size).contiguous()
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None):
@@ -105,19 +108,27 @@ def _checked_temperatures(prompt_ids, batch_size, max_new_tokens, min_new_tokens
         raise ValueError(
             f"temperatures must have shape ({batch_size},), got {tuple(temperatures.shape)}"
         )
+    if temperatures.device.type == "cpu" and not bool((temperatures >= 0).all()):
+        raise ValueError("temperatures must be >= 0 (0: greedy decoding)")
     return temperatures
 
 
-def _draw(logits, temperatures, vocab_bias, forbid_id, generator):
-    """One token per row from ``softmax(logits / T + bias)``; ``forbid_id`` (termination
-    before the minimum length) gets probability 0 when given."""
-    z = logits.float() / temperatures[:, None]
+def _draw(logits, temperatures, logit_bias, vocab_bias, forbid_id, generator):
+    """One token per row from ``softmax((logits + logit_bias) / T + vocab_bias)``, the most
+    likely one where T = 0 (greedy decoding); ``forbid_id`` (termination before the minimum
+    length) gets probability 0 when given."""
+    z = logits.float()
+    if logit_bias is not None:
+        z = z + logit_bias.to(device=z.device, dtype=z.dtype)
+    greedy = temperatures == 0
+    z = z / torch.where(greedy, 1.0, temperatures)[:, None]
     if vocab_bias is not None:
         z = z + vocab_bias.to(device=z.device, dtype=z.dtype)  # [V] or per row [B, V]
     if forbid_id is not None:
         z = z.clone()
         z[:, forbid_id] = float("-inf")
-    return sample_categorical(torch.softmax(z, dim=-1), generator)
+    draw = sample_categorical(torch.softmax(z, dim=-1), generator)  # one uniform per row
+    return torch.where(greedy, z.argmax(dim=-1), draw)
 
 
 @torch.no_grad()
@@ -130,13 +141,18 @@ def sample(
     termination_token_id: int,
     min_new_tokens: int = 0,
     temperatures: torch.Tensor | float = 1.0,
+    logit_bias: torch.Tensor | None = None,
     vocab_bias: torch.Tensor | None = None,
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
     param_context=None,
 ) -> Rollout:
     """Sample ``batch_size`` continuations of ``prompt_ids`` (1-D) from ``model`` (a
-    transformers causal LM or a ``decoding.Decoder``).
+    transformers causal LM or a ``decoding.Decoder``): each token from
+    ``softmax((logits + logit_bias) / temperature + vocab_bias)`` (temperature 0: greedy).
+    ``logit_bias`` ([V]) is part of the policy (the paper's illegal-token bias); ``vocab_bias``
+    ([V] or per row [B, V], after the temperature) restricts exploration (``-inf`` forbids a
+    token).
 
     ``param_context`` is an optional context manager entered once around the whole rollout
     (the DeepSpeed engine passes one that gathers ZeRO-3 parameters once, not per token).
@@ -153,7 +169,7 @@ def sample(
         rows = torch.arange(B, device=device)  # the rows the cache holds
         for t in range(max_new_tokens):
             forbid = termination_token_id if t < min_new_tokens else None
-            nxt = _draw(logits, temperatures, vocab_bias, forbid, generator)
+            nxt = _draw(logits, temperatures, logit_bias, vocab_bias, forbid, generator)
             stop = (nxt == termination_token_id) & ~done
             keep = ~done & ~stop
             tokens[:, t] = torch.where(keep, nxt, torch.full_like(nxt, pad_token_id))

@@ -6,6 +6,8 @@ the trainer never probes a task with ``hasattr``:
 
 - ``dead_index(row)``: the first state from which the row can never become valid (dead ends);
 - ``allowed_token_ids()``: the tokens restricted exploration may use;
+- ``policy_logit_bias()``: a vocabulary bias that is part of the policy (the paper's
+  illegal-token penalty), added to its logits wherever it samples or is scored;
 - ``policy_metrics(engine, min_new_tokens)``: exact metrics computed from the policy itself
   (the random-number task's exact distribution), logged during and after training.
 """
@@ -70,6 +72,11 @@ class Task:
 
     def allowed_token_ids(self) -> list[int] | None:
         """Tokens for restricted exploration (``explore_vocab_prob``), or None for all."""
+        return None
+
+    def policy_logit_bias(self) -> torch.Tensor | None:
+        """``[V]`` float32 added to the policy's logits wherever it samples (before the
+        temperature) or is scored, or None."""
         return None
 
     def policy_metrics(self, engine, min_new_tokens: int) -> dict:

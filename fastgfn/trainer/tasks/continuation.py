@@ -47,6 +47,7 @@ class ContinuationTask(Task):
         termination: str = ".",
         use_fused: bool = True,
         illegal_token_bias: float = -50.0,
+        bias_in_policy: bool = True,
     ):
         if not prompts:
             raise ValueError("data_path: the prompts file holds no prompts")
@@ -59,6 +60,7 @@ class ContinuationTask(Task):
         if not illegal_token_bias <= 0:
             raise ValueError(f"illegal_token_bias: must be <= 0, got {illegal_token_bias}")
         self.illegal_token_bias = float(illegal_token_bias)
+        self.bias_in_policy = bool(bias_in_policy)
         self._ids = {}
         self._illegal = None
         self._allowed = None
@@ -74,7 +76,8 @@ class ContinuationTask(Task):
     def from_config(cls, cfg, tokenizer, reward=None):
         prompts = [x.strip() for x in Path(cfg.data_path).read_text().splitlines() if x.strip()]
         return cls(tokenizer, prompts, reward, termination=cfg.termination,
-                   use_fused=cfg.use_fused_logprobs, illegal_token_bias=cfg.illegal_token_bias)
+                   use_fused=cfg.use_fused_logprobs, illegal_token_bias=cfg.illegal_token_bias,
+                   bias_in_policy=cfg.illegal_token_bias_in_policy)
 
     @property
     def reward_model(self) -> torch.nn.Module:
@@ -123,12 +126,17 @@ class ContinuationTask(Task):
 
     def vocab_bias(self) -> torch.Tensor | None:
         """``[V]`` float32: ``illegal_token_bias`` at the illegal tokens, 0 elsewhere (None
-        when the bias is 0)."""
+        when the bias is 0). The reward LM's logits get it."""
         if self.illegal_token_bias == 0:
             return None
         bias = torch.zeros(self.vocab_size())
         bias[self.illegal_token_ids()] = self.illegal_token_bias
         return bias
+
+    def policy_logit_bias(self) -> torch.Tensor | None:
+        """The same bias on the policy's logits (``illegal_token_bias_in_policy``, the
+        paper's behaviour), else None."""
+        return self.vocab_bias() if self.bias_in_policy else None
 
     def _check_rows(self, prompt_index: int, rows: list[list[int]], T: int) -> None:
         if not 0 <= prompt_index < len(self.prompts):
@@ -192,8 +200,8 @@ class ContinuationTask(Task):
         min_new_tokens: int = 0,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, list[list[int]]]:
-        """``n`` continuations of prompt ``prompt_index`` drawn from ``model`` as it is
-        (temperature 1, no exploration, no vocabulary bias) and their log-rewards
+        """``n`` continuations of prompt ``prompt_index`` drawn from ``model`` as the policy
+        samples (temperature 1, no exploration; with ``policy_logit_bias``) and their log-rewards
         (``log_rewards``, not tempered): ``(log_rewards [n], rows)``. An evaluation aid: below
         reward temperature 1, training should raise the mean."""
         from fastgfn.trainer.models import eval_mode
@@ -209,6 +217,7 @@ class ContinuationTask(Task):
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens,
                 termination_token_id=self.termination_token_id,
+                logit_bias=self.policy_logit_bias(),
                 pad_token_id=self.pad_token_id,
                 generator=generator,
             )

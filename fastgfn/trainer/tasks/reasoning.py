@@ -124,6 +124,7 @@ class LatentReasoningTask(ContinuationTask):
             termination=cfg.termination,
             use_fused=cfg.use_fused_logprobs,
             illegal_token_bias=cfg.illegal_token_bias,
+            bias_in_policy=cfg.illegal_token_bias_in_policy,
         )
 
     def answer_tokens(self, index: int) -> torch.Tensor:
