@@ -11,9 +11,11 @@ from fastgfn.ops.logprobs import (
     LinearTokenLogProbs,
     TokenLogProbsLayer,
     linear_token_logprobs,
+    token_logprobs,
+)
+from fastgfn.ops.logprobs_ops import (
     linear_token_logprobs_backward_op,
     linear_token_logprobs_op,
-    token_logprobs,
     token_logprobs_backward_op,
     token_logprobs_op,
 )

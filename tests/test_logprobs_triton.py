@@ -12,9 +12,11 @@ import torch
 
 from fastgfn.ops.logprobs import (
     linear_token_logprobs,
+    token_logprobs,
+)
+from fastgfn.ops.logprobs_ops import (
     linear_token_logprobs_backward_op,
     linear_token_logprobs_op,
-    token_logprobs,
     token_logprobs_backward_op,
     token_logprobs_op,
 )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from fastgfn._backend import resolve_backend
 from fastgfn._validation import (
     as_index_tensor,
     check_float,
@@ -28,6 +27,7 @@ from fastgfn._validation import (
     check_tensor,
     value_checks_allowed,
 )
+from fastgfn.backends import resolve_backend
 from fastgfn.ops.subtb import subtb_pair_sums
 
 REDUCTIONS = ("mean", "seq_mean", "sum", "none")

@@ -50,6 +50,14 @@ def transform_logits(
     return z
 
 
+def linear_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` in ``dtype``."""
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    return z if bias is None else z + bias.to(dtype)
+
+
 def token_logprobs_reference(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -95,11 +103,8 @@ def linear_token_logprobs_reference(
     compute_dtype: torch.dtype = torch.float64,
 ) -> TokenLogProbs:
     """Same outputs with ``logits = hidden @ weight.T + bias`` formed explicitly."""
-    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
-    if bias is not None:
-        logits = logits + bias.to(compute_dtype)
     return token_logprobs_reference(
-        logits,
+        linear_logits(hidden, weight, bias, compute_dtype),
         target,
         extra_ids,
         temperature=temperature,
@@ -178,15 +183,12 @@ def linear_token_logprobs_backward_reference(
     """(d hidden, d weight, d bias) = (dz W, dz^T h, sum_n dz) with dz from the logits rule."""
     h = hidden.to(compute_dtype)
     w = weight.to(compute_dtype)
-    logits = h @ w.T
-    if bias is not None:
-        logits = logits + bias.to(compute_dtype)
     dz = token_logprobs_backward_reference(
         grad_logp,
         grad_extra,
         grad_entropy,
         grad_lse,
-        logits,
+        linear_logits(h, w, bias, compute_dtype),
         target,
         extra_ids,
         compute_dtype=compute_dtype,
