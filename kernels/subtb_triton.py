@@ -1,6 +1,6 @@
 """Modified sub-trajectory balance (SubTB), Triton kernels: one launch forward, one backward.
 
-Maths (DESIGN.md §2.2). With the potential of each prefix state of a sequence,
+Maths (docs/MATH.md §2). With the potential of each prefix state of a sequence,
 
     G[j] = sum_{t<j} log_pf[t] + log_pterm[j] - log_r[j],        j = 0..n,
 

@@ -1,8 +1,8 @@
 """Shared cases and checks for the per-token log-prob tests (every backend vs float64).
 
 The oracle is ``fastgfn.reference.logprobs`` run in float64 with autograd. The tolerance rule
-(DESIGN §4): our error against float64 must be at most twice PyTorch's own error at the input
-dtype (the same eager maths run in that dtype), plus a small atol.
+(docs/MATH.md §1, Precision): our error against float64 must be at most twice PyTorch's own
+error at the input dtype (the same eager maths run in that dtype), plus a small atol.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def random_batch(B, T, *, seed, lengths=None, dtype=torch.float32, device="cpu",
 
 
 def brute_force_pair_sums(log_pf, log_pterm, log_r, lengths, lam):
-    """Every (i, j) pair of every sequence, with the residual exactly as DESIGN.md writes it."""
+    """Every (i, j) pair of every sequence, the residual written as in docs/MATH.md §2."""
     num, den = [], []
     for b in range(log_pf.shape[0]):
         n = int(lengths[b])

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference for the per-token log-prob ops (DESIGN §2.1).
+"""Pure-PyTorch reference for the per-token log-prob ops (docs/MATH.md §1).
 
 Readable and exact: it materialises the ``[N, V]`` log-softmax, computes in ``compute_dtype``
 (float64 by default, which is what the tests compare every backend against) and gets its
@@ -130,7 +130,7 @@ def token_logprobs_backward_reference(
     ignore_index: int = -100,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """d logits, written out (DESIGN §2.1), for upstream gradients on every output (None = 0):
+    """d logits, written out (docs/MATH.md §1), for upstream gradients on every output (None = 0):
 
     dz' = g_y (1[v=y] - p) + sum_k g_e,k (1[v=e_k] - p) - g_H p (log p + H) + g_lse p
     dz  = dz' / tau * (1 - tanh^2(z / c))        (the last factor only with a softcap)

@@ -1,4 +1,4 @@
-"""Reference for the modified sub-trajectory balance loss (DESIGN.md §2.2), in float64.
+"""Reference for the modified sub-trajectory balance loss (docs/MATH.md §2), in float64.
 
 Written for reading, not speed: it materialises every (i, j) pair of every sequence.
 """

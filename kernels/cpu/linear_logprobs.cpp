@@ -1,6 +1,6 @@
 // Per-token log-probs fused with the lm_head, CPU kernels: z = h W^T + b is formed one tile of
 // kBlockN tokens x kBlockV vocabulary entries at a time (BLAS through at::addmm on slices) and
-// reduced on the spot (logprobs_common.h, DESIGN §2.1), so the [N, V] logits never exist, in
+// reduced on the spot (logprobs_common.h, docs/MATH.md §1), so the [N, V] logits never exist, in
 // the forward or the backward pass.
 //
 // Forward: work items are (token tile, vocabulary group); each walks its vocabulary chunks

@@ -1,6 +1,6 @@
 // Per-token log-probs from logits [N, V], CPU kernels: forward and backward.
 //
-// Maths and tiling: logprobs_common.h (DESIGN §2.1). One pass over the vocabulary per row
+// Maths and tiling: logprobs_common.h (docs/MATH.md §1). One pass over the vocabulary per row
 // tile computes lse, entropy and the target / extra-id logits without ever writing an [N, V]
 // log-softmax; the backward pass recomputes p = exp(z' - lse) tile by tile from the saved
 // per-row lse and entropy and writes d logits (the only [N, V] tensor, because it is the

@@ -1,6 +1,6 @@
 // Shared tile machinery of the per-token log-prob CPU kernels (logprobs.cpp, linear_logprobs.cpp).
 //
-// Maths (../shared/DESIGN.md §2.1). With z' = c tanh(z / c) / tau + beta, every output of a row
+// Maths (docs/MATH.md §1). With z' = c tanh(z / c) / tau + beta, every output of a row
 // is a function of three per-row reductions over the vocabulary -- lse = log sum exp z', the
 // entropy H = -sum p log p, and the logits z'[y], z'[e_k] at a few columns -- so the vocabulary
 // is walked in tiles of kBlockV columns and only those reductions are kept.

@@ -1,6 +1,6 @@
 // Modified sub-trajectory balance (SubTB) loss, CPU kernels: forward and backward.
 //
-// Maths (../shared/DESIGN.md §2.2). For one sequence with n generated tokens define the
+// Maths (docs/MATH.md §2). For one sequence with n generated tokens define the
 // potential of every prefix state s_j, j = 0..n,
 //
 //     G[j] = sum_{t<j} log_pf[t] + log_pterm[j] - log_r[j],
