@@ -436,3 +436,34 @@ def test_lengths_as_list_and_int32():
     a = fastgfn.subtb_loss(pf, pt, r, [4, 0, 2])
     b = fastgfn.subtb_loss(pf, pt, r, torch.tensor([4, 0, 2], dtype=torch.int32))
     assert_close(a, b)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_vargrad_non_finite_row_leaves_the_rest_of_its_group_alone(grouped):
+    """A non-finite log ratio makes its own row's loss non-finite; the other rows of its group
+    get the values and gradients of the batch without that row (issue 11)."""
+    pf, pt, r, lengths = random_batch(6, 5, seed=24, lengths=[5, 3, 4, 2, 5, 1],
+                                      dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1]) if grouped else None
+    r = r.clone()
+    r[1, 3] = torch.inf  # x_1 = -inf
+    pf = pf.clone()
+    pf[4, 0] = torch.nan  # x_4 = nan
+    keep = torch.tensor([0, 2, 3, 5])
+    leaves = [x.clone().requires_grad_() for x in (pf, pt, r)]
+    got = fastgfn.vargrad_loss(*leaves, lengths, groups, reduction="none")
+    assert not torch.isfinite(got[1]) and torch.isnan(got[4])
+    got[keep].sum().backward()
+    clean = [x[keep].clone().requires_grad_() for x in (pf, pt, r)]
+    want = fastgfn.vargrad_loss(*clean, lengths[keep], None if groups is None else groups[keep],
+                                reduction="none")
+    want.sum().backward()
+    assert_close(got[keep], want, rtol=1e-12, atol=1e-12)
+    for leaf, ref in zip(leaves, clean):  # (rows 1 and 4 get their own NaN gradients)
+        assert torch.isfinite(leaf.grad[keep]).all()
+        assert_close(leaf.grad[keep], ref.grad, rtol=1e-12, atol=1e-12)
+    log_z = fastgfn.vargrad_log_z(pf, pt, r, lengths, groups)
+    want_z = fastgfn.vargrad_log_z(pf[keep], pt[keep], r[keep], lengths[keep],
+                                   None if groups is None else groups[keep])
+    assert torch.isfinite(log_z).all()
+    assert_close(log_z[keep], want_z, rtol=1e-12, atol=1e-12)

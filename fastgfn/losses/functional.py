@@ -204,12 +204,22 @@ def _same_group(group_ids, B: int, device) -> torch.Tensor | None:
     return group_ids[:, None] == group_ids[None, :]
 
 
-def _group_mean(values: torch.Tensor, same: torch.Tensor | None) -> torch.Tensor:
-    """For each sequence, the mean of ``values`` over its group."""
+def _group_mean(values: torch.Tensor, same: torch.Tensor | None):
+    """For each sequence, the mean of the *finite* ``values`` of its group, and their count.
+
+    Non-finite values are left out of every mean (docs/MATH.md §2, VarGrad); a group without
+    a finite value gets mean 0 and count 0. Every step keeps NaN out of the backward too
+    (``where`` instead of products with a 0/1 mask, a count of at least 1).
+    """
+    finite = torch.isfinite(values)
+    clean = torch.where(finite, values, torch.zeros((), dtype=values.dtype))
+    weight = finite.to(values.dtype)
     if same is None:
-        return values.mean().expand_as(values) if values.numel() else values
-    same = same.to(values.dtype)
-    return (same @ values) / same.sum(dim=1)
+        total, count = clean.sum().expand_as(values), weight.sum().expand_as(values)
+    else:
+        same = same.to(values.dtype)
+        total, count = same @ clean, same @ weight
+    return total / count.clamp(min=1.0), count
 
 
 def vargrad_log_z(
@@ -219,10 +229,15 @@ def vargrad_log_z(
     lengths: torch.Tensor,
     group_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The batch estimate of log Z for each sequence's group: ``mean_group(log_r - log q)``."""
+    """The batch estimate of log Z for each sequence's group: ``mean_group(log_r - log q)``.
+
+    The mean runs over the group's sequences with a finite log ratio; a group with none gets
+    NaN.
+    """
     lengths = _check_trajectories(log_pf, log_pterm, log_r, lengths)
     ratio = _trajectory_log_ratio(log_pf, log_pterm, log_r, lengths)
-    return -_group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
+    mean, count = _group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
+    return torch.where(count > 0, -mean, torch.full((), torch.nan, dtype=mean.dtype))
 
 
 def vargrad_loss(
@@ -239,9 +254,16 @@ def vargrad_loss(
     per-sequence loss is ``(x_b - xbar_group(b)) ** 2`` (the batch variance of the log ratio;
     a group of one sequence contributes 0). ``group_ids`` [B] (any integers) marks sequences
     that share a prompt; None puts the whole batch in one group.
+
+    Non-finite log ratios: ``xbar`` is the mean over the group's *finite* ``x`` only. A
+    sequence with a non-finite ``x`` has a non-finite loss (so do the ``"mean"`` and ``"sum"``
+    reductions); every other sequence of its group gets the value and the gradient it would
+    have in the batch without that sequence (docs/MATH.md §2).
     """
     lengths = _check_trajectories(log_pf, log_pterm, log_r, lengths)
     _check_reduction(reduction)
     ratio = _trajectory_log_ratio(log_pf, log_pterm, log_r, lengths)
-    deviation = ratio - _group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
+    mean, _ = _group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
+    # A non-finite row sees the group mean as a constant: its NaN gradient stays its own.
+    deviation = torch.where(torch.isfinite(ratio), ratio - mean, ratio - mean.detach())
     return _reduce_per_sequence(deviation.square(), reduction)
