@@ -9,7 +9,7 @@ import torch
 
 import fastgfn
 from fastgfn.ops.subtb import subtb_pair_sums
-from fastgfn.reference.subtb import subtb_pair_sums_reference
+from fastgfn.reference.subtb import pair_sums_log_scale, subtb_pair_sums_reference
 
 from .conftest import requires_triton, triton_device
 
@@ -467,3 +467,51 @@ def test_vargrad_non_finite_row_leaves_the_rest_of_its_group_alone(grouped):
                                    None if groups is None else groups[keep])
     assert torch.isfinite(log_z).all()
     assert_close(log_z[keep], want_z, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# lam > 1: weights grow with the pair's length (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [1.3, 3.0])
+def test_lam_above_one_matches_brute_force(backend, lam):
+    """The op's sums are scaled by lam^-(n-1) for lam > 1; every reduction undoes it."""
+    device = device_for(backend)
+    inputs = random_batch(5, 9, seed=31, lengths=[9, 0, 4, 1, 7], device=device)
+    num, den = brute_force_pair_sums(*[t.cpu() for t in inputs], lam)
+    scale = pair_sums_log_scale(inputs[3].cpu(), lam, torch.float64).exp()
+    rnum, rden = subtb_pair_sums_reference(*[t.cpu() for t in inputs], lam)
+    assert_close(rnum * scale, num, rtol=1e-12, atol=1e-12, what="reference num")
+    assert_close(rden * scale, den, rtol=1e-12, atol=1e-12, what="reference den")
+    per_seq = torch.where(den > 0, num / den.clamp(min=1e-300), 0.0)
+    want = {"mean": num.sum() / den.sum(), "sum": num.sum(), "none": per_seq,
+            "seq_mean": per_seq.sum() / 4}
+    for reduction, value in want.items():
+        got = fastgfn.subtb_loss(*inputs, lam, reduction, backend=backend)
+        assert_close(got, value, rtol=2e-5, atol=1e-5, what=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [1.01, 1.5, 8.0])
+def test_lam_above_one_long_sequences_do_not_overflow(backend, lam):
+    """lam^(T-1) overflows fp32 (and for lam = 8 fp64) at T = 600; losses stay finite and all
+    backends agree with the float64 reference, values and gradients."""
+    T = 600
+    check_backend_against_reference(backend, 3, T, lam, seed=41)
+    device = device_for(backend)
+    inputs = random_batch(3, T, seed=43, lengths=[T, 517, 3], device=device)
+    for reduction in ("mean", "seq_mean", "none"):
+        leaves = [t.clone().requires_grad_() for t in inputs[:3]]
+        got = fastgfn.subtb_loss(*leaves, inputs[3], lam, reduction, backend=backend)
+        got.sum().backward()
+        ref_leaves = [t.detach().double().cpu().requires_grad_() for t in inputs[:3]]
+        want = fastgfn.subtb_loss(*ref_leaves, inputs[3].cpu(), lam, reduction,
+                                  backend="reference")
+        want.sum().backward()
+        assert torch.isfinite(got).all(), reduction
+        assert_close(got, want, rtol=2e-5, atol=1e-5, what=reduction)
+        for leaf, ref in zip(leaves, ref_leaves):
+            assert torch.isfinite(leaf.grad).all(), reduction
+            assert_close(leaf.grad, ref.grad, rtol=2e-4, atol=2e-6, what=f"{reduction} grad")

@@ -29,6 +29,7 @@ from fastgfn._validation import (
 )
 from fastgfn.backends import resolve_backend
 from fastgfn.ops.subtb import subtb_pair_sums
+from fastgfn.reference.subtb import pair_sums_log_scale
 
 REDUCTIONS = ("mean", "seq_mean", "sum", "none")
 
@@ -59,9 +60,19 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _reduce_pair_sums(num: torch.Tensor, den: torch.Tensor, reduction: str) -> torch.Tensor:
-    # den >= 1 for every sequence with at least one pair (the pair (i, i+1) has weight 1), and
-    # den == 0 exactly for empty sequences, so clamp(min=1) is exact and maps 0/0 to 0.
+def _reduce_pair_sums(num, den, reduction: str, lengths, lam: float) -> torch.Tensor:
+    """Reduce the op's per-sequence sums. For lam > 1 they come scaled by lam^-(n_b - 1)
+    (docs/MATH.md §2); "mean" and "sum" put that factor back in log space."""
+    if lam > 1.0 and reduction in ("mean", "sum"):
+        log_scale = pair_sums_log_scale(lengths, lam, num.dtype)
+        if reduction == "sum":  # may exceed the float range: then inf, as the sum itself
+            return (num * log_scale.exp()).sum()
+        top = log_scale.max() if log_scale.numel() else log_scale.sum()
+        weight = (log_scale - top).exp()  # the longest sequences weigh 1
+        num, den = num * weight, den * weight
+    # den >= 1 for every sequence with at least one pair (the pair (i, i+1) has weight 1, for
+    # lam > 1 the pair (0, n)), and den == 0 exactly for empty sequences, so clamp(min=1) is
+    # exact and maps 0/0 to 0; in "mean" the longest sequence has weight 1.
     if reduction == "mean":  # the paper: one weighted mean over all pairs of the batch
         return num.sum() / den.sum().clamp(min=1.0)
     per_sequence = num / den.clamp(min=1.0)
@@ -89,12 +100,14 @@ def subtb_loss(
 
         res(i, j) = log_r[i] + sum_{k=i}^{j-1} log_pf[k] + log_pterm[j] - log_r[j] - log_pterm[i]
 
-    weighted by ``lam ** (j - i - 1)``. Reductions:
+    weighted by ``lam ** (j - i - 1)`` (lam > 1 weighs long sub-trajectories more; the
+    kernels then work relative to the heaviest pair, so long sequences do not overflow).
+    Reductions:
 
     - ``"mean"`` (default, the paper's): ``sum_b sum_ij w res^2 / sum_b sum_ij w``;
     - ``"seq_mean"``: each sequence normalised by its own weight sum, averaged over the
       sequences that have at least one pair;
-    - ``"sum"``: ``sum_b sum_ij w res^2``;
+    - ``"sum"``: ``sum_b sum_ij w res^2`` (with lam > 1 it can exceed the float range: inf);
     - ``"none"``: the per-sequence normalised values, shape [B] (0 for empty sequences).
 
     ``backend``: 'auto' (Triton on CUDA, C++ on CPU), 'reference', 'cpp' or 'triton'.
@@ -104,7 +117,7 @@ def subtb_loss(
     _check_reduction(reduction)
     backend = resolve_backend(backend, log_pf.device)
     num, den = subtb_pair_sums(log_pf, log_pterm, log_r, lengths, lam, backend)
-    return _reduce_pair_sums(num, den, reduction)
+    return _reduce_pair_sums(num, den, reduction, lengths, lam)
 
 
 def db_loss(
@@ -126,7 +139,7 @@ def db_loss(
     _check_reduction(reduction)
     backend = resolve_backend(backend, log_pf.device)
     num, den = subtb_pair_sums(log_pf, log_pterm, log_r, lengths, 0.0, backend)
-    return _reduce_pair_sums(num, den, reduction)
+    return _reduce_pair_sums(num, den, reduction, lengths, 0.0)
 
 
 def trajectory_log_ratio(

@@ -34,6 +34,9 @@ def subtb_pair_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence ``num = sum w res^2`` and ``den = sum w`` over sub-trajectories.
 
+    For lam > 1 both are scaled by ``lam ** -(n_b - 1)`` so that nothing overflows (the
+    ratio is unchanged; ``fastgfn.reference.subtb.pair_sums_log_scale`` gives the log factor).
+
     ``backend`` must already be resolved ('reference', 'cpp' or 'triton').
     """
     num, den = get_backend(backend).subtb_forward(log_pf, log_pterm, log_r, lengths, lam)
