@@ -188,3 +188,24 @@ def _dev_opts(opts, device):
     if out.get("vocab_bias") is not None:
         out["vocab_bias"] = out["vocab_bias"].float().to(device)
     return out
+
+
+def zero_row_linear_grads(backend, device="cpu", dtype=torch.float32):
+    """(d hidden, d weight, d bias) of the fused-linear op on N = 0 rows, after recycling
+    NaN-filled memory of the gradients' size (so that an unwritten gradient shows)."""
+    g = torch.Generator().manual_seed(61)
+    H, V = 24, 300
+    w = torch.randn(V, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(V, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    h = torch.zeros(0, H, device=device, dtype=dtype, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=device)
+    for _ in range(3):  # recycle freed memory of the gradients' size, full of NaN
+        junk = torch.full((V, H), torch.nan, device=device, dtype=dtype)
+        junk_b = torch.full((V,), torch.nan, device=device, dtype=dtype)
+        del junk, junk_b
+    out = linear_token_logprobs(h, w, target, b, [3], return_entropy=True, return_lse=True,
+                                backend=backend)
+    assert out.logp.shape == (0,) and out.extra.shape == (0, 1)
+    (out.logp.sum() + out.extra.sum() + out.entropy.sum() + out.lse.sum()).backward()
+    return h.grad, w.grad, b.grad
+

@@ -26,7 +26,12 @@ from fastgfn.reference.logprobs import (
     token_logprobs_reference,
 )
 
-from .logprobs_cases import check_against_reference, make_linear_case, make_logits_case
+from .logprobs_cases import (
+    check_against_reference,
+    make_linear_case,
+    make_logits_case,
+    zero_row_linear_grads,
+)
 
 CPU_BACKENDS = ["reference", "cpp"]
 
@@ -500,3 +505,13 @@ def test_gradcheck_float64(backend):
         return out.logp, out.extra, out.entropy, out.lse
 
     torch.autograd.gradcheck(g, tuple(t.clone().requires_grad_() for t in (h, w, b)))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_zero_rows_give_zero_weight_gradients(backend):
+    """N = 0 tokens: the weight and bias gradients are exactly zero (issue 11: the C++
+    backend returned uninitialised memory)."""
+    for _ in range(5):
+        dh, dw, db = zero_row_linear_grads(backend)
+        assert dh.shape == (0, 24)
+        assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))

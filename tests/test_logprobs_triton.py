@@ -22,7 +22,12 @@ from fastgfn.ops.logprobs_ops import (
 )
 
 from .conftest import requires_triton, triton_device
-from .logprobs_cases import check_against_reference, make_linear_case, make_logits_case
+from .logprobs_cases import (
+    check_against_reference,
+    make_linear_case,
+    make_logits_case,
+    zero_row_linear_grads,
+)
 
 pytestmark = requires_triton
 
@@ -211,3 +216,9 @@ def test_triton_from_logits_matches_torch_on_3d_input():
     torch.testing.assert_close(out.logp, lsm.gather(-1, target[..., None])[..., 0])
     torch.testing.assert_close(out.extra, lsm[..., [0, 7]])
     torch.testing.assert_close(out.entropy, -(lsm.exp() * lsm).sum(-1))
+
+
+def test_triton_linear_zero_rows_give_zero_weight_gradients():
+    dh, dw, db = zero_row_linear_grads("triton", device=triton_device())
+    assert dh.shape == (0, 24)
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))

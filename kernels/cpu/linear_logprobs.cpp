@@ -215,6 +215,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   });
   if (need_weight && nblocks > 1) dW.copy_(dW_full);
   if (need_bias && nblocks > 1) db.copy_(db_full);
+  if (nblocks == 0) {  // no rows (N == 0): nothing was accumulated, the sums are zero
+    if (need_weight) dW.zero_();
+    if (need_bias) db.zero_();
+  }
   if (need_hidden) dh = dh.to(hidden.scalar_type());
   // Gradients that were not asked for come back as empty tensors (the schema has no Tensor?).
   auto none = [&] { return at::empty({0}, copts); };
