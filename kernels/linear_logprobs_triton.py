@@ -31,13 +31,13 @@ import triton.language as tl
 
 from fastgfn._dtypes import accumulation_dtype
 from fastgfn.backends import triton_interpreter_enabled
+from fastgfn.reference.logprobs import checked_extra_ids, checked_targets
 
 from .logprobs_common_triton import (
     NEG_BIG,
     backward_rows,
     finish,
     finish_outputs,
-    gathered_targets,
     grad_tile,
     online_update,
     transform,
@@ -355,12 +355,14 @@ def linear_logprobs_forward(hidden, weight, bias, target, extra_ids, vocab_bias,
             **blocks,
             **launch,
         )
-    safe, _ = gathered_targets(target, opts.ignore_index)
+    _, _, safe = checked_targets(target, opts.ignore_index, V)
+    _, ex = checked_extra_ids(extra_ids, V, h.device)
     tgt_logit = _gathered_logits(h, w, b, beta, safe[:, None], opts)[:, 0]
-    ex = extra_ids.long()[None, :].expand(N, -1)
-    extra_logit = _gathered_logits(h, w, b, beta, ex, opts)
+    extra_logit = _gathered_logits(h, w, b, beta, ex[None, :].expand(N, -1), opts)
     out_dtype = accumulation_dtype(hidden)
-    return finish_outputs(tgt_logit, extra_logit, lse, ent[:N], target, opts, out_dtype)
+    return finish_outputs(
+        tgt_logit, extra_logit, lse, ent[:N], target, extra_ids, V, opts, out_dtype
+    )
 
 
 def linear_logprobs_backward(
@@ -369,7 +371,7 @@ def linear_logprobs_backward(
     N, H = hidden.shape
     V = weight.shape[0]
     h, w, b, beta = _prepare(hidden, weight, bias, vocab_bias)
-    rows = backward_rows(grads, target, extra_ids, lse, entropy, opts)
+    rows = backward_rows(grads, target, extra_ids, V, lse, entropy, opts)
     need_bias = bool(needed.bias and b is not None)
     dh = torch.zeros((N, H) if needed.hidden else (1,), device=h.device, dtype=torch.float32)
     dw = torch.zeros((V, H) if needed.weight else (1,), device=h.device, dtype=torch.float32)

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgfn.reference.logprobs import checked_extra_ids, checked_targets
+
 NEG_BIG = tl.constexpr(-1.0e30)
 
 
@@ -150,17 +152,13 @@ def transform_columns(z, beta_cols, opts):
     return z
 
 
-def gathered_targets(target, ignore_index):
-    """(target with ignored rows set to column 0, as int64; the mask of rows not ignored)."""
-    valid = target != ignore_index
-    return torch.where(valid, target, torch.zeros_like(target)).long(), valid
-
-
-def finish_outputs(tgt_logit, extra_logit, lse, ent, target, opts, dtype):
-    """Pack (logp, extra, entropy, lse) from gathered logits and row statistics."""
-    valid = target != opts.ignore_index
-    logp = torch.where(valid, tgt_logit - lse, torch.zeros_like(lse))
-    extra = extra_logit - lse[:, None]
+def finish_outputs(tgt_logit, extra_logit, lse, ent, target, extra_ids, V, opts, dtype):
+    """Pack (logp, extra, entropy, lse) from gathered logits and row statistics; ids out of
+    range give NaN (docs/MATH.md §1)."""
+    valid, bad, _ = checked_targets(target, opts.ignore_index, V)
+    logp = torch.where(valid, tgt_logit - lse, torch.where(bad, torch.nan, torch.zeros_like(lse)))
+    ok, _ = checked_extra_ids(extra_ids, V, lse.device)
+    extra = torch.where(ok, extra_logit - lse[:, None], torch.nan)
     entropy = ent if opts.need_entropy else lse.new_empty((0,))
     return logp.to(dtype), extra.to(dtype), entropy.to(dtype), lse.to(dtype)
 
@@ -179,19 +177,22 @@ class BackwardRows(NamedTuple):
     has_gh: bool
 
 
-def backward_rows(grads, target, extra_ids, lse, entropy, opts) -> BackwardRows:
-    _, valid = gathered_targets(target, opts.ignore_index)
-    gy = (grads.logp.float() * valid.float()).contiguous()
+def backward_rows(grads, target, extra_ids, V, lse, entropy, opts) -> BackwardRows:
+    """Out-of-range ids (constant NaN outputs) get no gradient: their g_y / g_e count as 0."""
+    valid, _, _ = checked_targets(target, opts.ignore_index, V)
+    ok, _ = checked_extra_ids(extra_ids, V, target.device)
+    gy = torch.where(valid, grads.logp.float(), 0.0).contiguous()
+    ge = torch.where(ok, grads.extra.float(), 0.0).contiguous()
     G = gy
-    if grads.extra.numel():
-        G = G + grads.extra.float().sum(1)
+    if ge.numel():
+        G = G + ge.sum(1)
     G = (G - grads.lse.float()).contiguous()
     has_gh = grads.entropy is not None and grads.entropy.numel() == target.shape[0]
     return BackwardRows(
         G=G,
         gy=gy,
         y=torch.where(valid, target, torch.full_like(target, -1)).to(torch.int32).contiguous(),
-        ge=grads.extra.float().contiguous(),
+        ge=ge,
         ex=extra_ids.to(torch.int32).contiguous(),
         gH=grads.entropy.float().contiguous() if has_gh else G,
         ent=entropy.float().contiguous() if has_gh else G,

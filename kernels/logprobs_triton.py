@@ -15,13 +15,13 @@ import triton
 import triton.language as tl
 
 from fastgfn._dtypes import accumulation_dtype
+from fastgfn.reference.logprobs import checked_extra_ids, checked_targets
 
 from .logprobs_common_triton import (
     NEG_BIG,
     backward_rows,
     finish,
     finish_outputs,
-    gathered_targets,
     grad_tile,
     online_update,
     transform,
@@ -173,20 +173,22 @@ def logprobs_forward(logits, target, extra_ids, vocab_bias, opts):
             BLOCK_N=4,
             BLOCK_V=1024,
         )
-    safe, _ = gathered_targets(target, opts.ignore_index)
-    ex = extra_ids.long()
+    _, _, safe = checked_targets(target, opts.ignore_index, V)
+    _, ex = checked_extra_ids(extra_ids, V, logits.device)
     tgt_logit = transform_columns(
         logits.gather(1, safe[:, None]).squeeze(1), beta[safe] if beta is not None else None, opts
     )
     extra_logit = transform_columns(logits[:, ex], beta[ex] if beta is not None else None, opts)
     out_dtype = accumulation_dtype(logits)
-    return finish_outputs(tgt_logit, extra_logit, lse, ent[:N], target, opts, out_dtype)
+    return finish_outputs(
+        tgt_logit, extra_logit, lse, ent[:N], target, extra_ids, V, opts, out_dtype
+    )
 
 
 def logprobs_backward(grads, logits, target, extra_ids, vocab_bias, lse, entropy, opts):
     N, V = logits.shape
     z, beta = _prepare(logits, vocab_bias)
-    rows = backward_rows(grads, target, extra_ids, lse, entropy, opts)
+    rows = backward_rows(grads, target, extra_ids, V, lse, entropy, opts)
     dz = torch.empty((N, V), device=logits.device, dtype=z.dtype)
     BLOCK_N, BLOCK_V = 16, 256
     if N:

@@ -28,6 +28,7 @@ from fastgfn.reference.logprobs import (
 
 from .logprobs_cases import (
     check_against_reference,
+    check_out_of_range_ids,
     make_linear_case,
     make_logits_case,
     zero_row_linear_grads,
@@ -515,3 +516,24 @@ def test_linear_zero_rows_give_zero_weight_gradients(backend):
         dh, dw, db = zero_row_linear_grads(backend)
         assert dh.shape == (0, 24)
         assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("linear", [False, True])
+def test_out_of_range_ids_without_value_checks(backend, linear):
+    """Issue 11: with the value checks bypassed, every backend gives NaN for an output whose
+    id is out of range (the C++ backend used to give -lse) and no gradient from it."""
+    check_out_of_range_ids(backend, linear=linear)
+
+
+def test_out_of_range_target_under_compile_is_nan():
+    """torch.compile skips the value checks: the op's own contract applies."""
+    torch._dynamo.reset()
+    logits = torch.randn(3, 11)
+    target = torch.tensor([2, 11, -100])
+    f = torch.compile(lambda x, t: token_logprobs(x, t, [4], backend="cpp"), fullgraph=True,
+                      backend="aot_eager")
+    out = f(logits, target)
+    assert torch.isnan(out.logp[1]) and out.logp[2] == 0 and torch.isfinite(out.logp[0])
+    with pytest.raises(ValueError, match="target"):
+        token_logprobs(logits, target, [4], backend="cpp")

@@ -24,6 +24,7 @@ from fastgfn.ops.logprobs_ops import (
 from .conftest import requires_triton, triton_device
 from .logprobs_cases import (
     check_against_reference,
+    check_out_of_range_ids,
     make_linear_case,
     make_logits_case,
     zero_row_linear_grads,
@@ -222,3 +223,8 @@ def test_triton_linear_zero_rows_give_zero_weight_gradients():
     dh, dw, db = zero_row_linear_grads("triton", device=triton_device())
     assert dh.shape == (0, 24)
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_triton_out_of_range_ids_without_value_checks(linear):
+    check_out_of_range_ids("triton", device=triton_device(), linear=linear)

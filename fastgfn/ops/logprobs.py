@@ -17,6 +17,11 @@ Conventions:
   token but does have a termination probability). Every output row is always written.
 * ``vocab_bias`` is a constant (no gradient); ``-inf`` forbids a token (``p log p := 0``).
 * ``softcap=c`` applies ``c * tanh(z / c)`` to the raw logits before temperature and bias.
+* Ids out of range (a target other than ``ignore_index`` outside ``[0, V)``, or such an extra
+  id) raise ``ValueError`` when values may be read (CPU tensors; accelerator tensors in debug
+  mode). Where they are not checked (accelerators without debug mode, ``torch.compile``),
+  every backend returns NaN for the outputs that name them, with no gradient through those
+  NaN values; the other outputs are unaffected (docs/MATH.md §1).
 """
 
 from __future__ import annotations
@@ -129,7 +134,8 @@ def token_logprobs(
     Returns ``TokenLogProbs(logp [...], extra [..., K], entropy [...] | None, lse [...] | None)``
     with ``z' = softcap(logits) / temperature + vocab_bias`` (docs/MATH.md §1), fp32 (float64
     for float64 logits). Differentiable w.r.t. ``logits`` for upstream gradients on every
-    output.
+    output. ``target`` must be in ``[0, V)`` or ``ignore_index`` and ``extra_ids`` in
+    ``[0, V)``: checked when values may be read, NaN outputs otherwise (module docstring).
     """
     logits = check_tensor("logits", logits)
     if logits.dim() < 2:
@@ -175,7 +181,8 @@ def linear_token_logprobs(
 
     ``hidden [..., H]``, ``weight [V, H]`` (an lm_head), ``bias [V]`` or None, all of one
     floating dtype. Outputs as :func:`token_logprobs`. Gradients flow to hidden, weight and
-    bias; the weight gradient is accumulated in fp32 whatever the input dtype.
+    bias; the weight gradient is accumulated in fp32 whatever the input dtype. Ids out of
+    range: as :func:`token_logprobs`.
     """
     hidden = check_tensor("hidden", hidden)
     if hidden.dim() < 2:

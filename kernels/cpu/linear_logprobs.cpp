@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forwa
   check_inputs(hidden, weight, bias, target_in, extra_in, vocab_bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto cdt = compute_dtype(hidden.scalar_type());
-  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const TokenIds ids = token_ids(target_in, extra_in, V, temperature, softcap, ignore_index);
   const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_linear_logprobs_forward", [&] {
@@ -111,8 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forwa
         [&](Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
           return tiles(ws, r0, r1, v0, v1, tiles.weight_chunk(v0, v1), nullptr);
         });
-    out = pack_outputs(stats, ids.target.data_ptr<int64_t>(), N, ids.K, ignore_index, entropy,
-                       hidden.options().dtype(cdt));
+    out = pack_outputs(stats, ids, N, entropy, hidden.options().dtype(cdt));
   });
   return {out[0], out[1], out[2], out[3]};
 }
@@ -142,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   check_inputs(hidden, weight, bias, target_in, extra_in, vocab_bias);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto cdt = compute_dtype(hidden.scalar_type());
-  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const TokenIds ids = token_ids(target_in, extra_in, V, temperature, softcap, ignore_index);
   const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt);
 
   const RowGrads g =
