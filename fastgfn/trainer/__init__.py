@@ -20,7 +20,10 @@ The library (``fastgfn`` itself: losses, ops, kernels) never imports this packag
 
 from fastgfn.trainer.config import Config
 from fastgfn.trainer.config_loading import load_config
-from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.errors import CheckpointError, ConfigError, FastgfnError, TrainingError
 from fastgfn.trainer.trainer import Trainer
 
-__all__ = ["Config", "ConfigError", "Trainer", "load_config"]
+__all__ = [
+    "CheckpointError", "Config", "ConfigError", "FastgfnError", "Trainer", "TrainingError",
+    "load_config",
+]
