@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fastgfn.trainer.engines.base import adamw_with_schedule, read_engine_meta, write_engine_meta
-from fastgfn.trainer.errors import IncompatibleCheckpointError
+from fastgfn.trainer.errors import CheckpointError, IncompatibleCheckpointError
 
 
 class TorchEngine:
@@ -86,14 +86,23 @@ class TorchEngine:
                 f"ds_zero{meta['zero_stage']}.json ... --resume`), or start a new run from its "
                 "exported model directory"
             )
-        state = load_file(str(directory / "model.safetensors"))
+        state = _read(directory / "model.safetensors", lambda p: load_file(str(p)))
         missing, unexpected = self.module.load_state_dict(state, strict=False)
         missing = [k for k in missing if not _is_tied(self.module, k)]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
-        opt = torch.load(directory / "optimizer.pt", weights_only=True)
+        opt = _read(directory / "optimizer.pt", lambda p: torch.load(p, weights_only=True))
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+
+
+def _read(path: Path, load):
+    """``load(path)``, or a CheckpointError naming the file."""
+    try:
+        return load(path)
+    except Exception as exc:  # noqa: BLE001 (safetensors and torch raise their own types)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {first})") from None
 
 
 def _drop_shared(state: dict) -> None:
