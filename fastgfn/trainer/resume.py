@@ -38,7 +38,7 @@ FREE = frozenset({
 })
 FIXED = frozenset({
     "model", "gguf_file", "tokenizer", "trust_remote_code", "tiny_hidden", "tiny_layers",
-    "lora", "lora_r", "lora_target_modules", "task", "seed", "same_data_all_ranks",
+    "lora", "lora_r", "lora_target_modules", "task", "seed",
 })
 NO_EFFECT = {"log_z_init": "log Z comes from the checkpoint",
              "log_z_auto_init": "log Z comes from the checkpoint"}
