@@ -138,3 +138,25 @@ def test_log_z_auto_init_ignores_non_finite_rows(tmp_path):
 def test_non_finite_config_values_are_refused(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}: must be"):
         load_config(None, [override])
+
+
+def test_the_skip_makes_no_host_read(tmp_path, monkeypatch):
+    """The engine's step and log Z's step decide the skip on the device: no tensor is read on
+    the host inside them (on CUDA such a read would be a sync per step). Python-level reads
+    are made to fail while they run; the step is skipped all the same."""
+    tr = Trainer(load_config(None, ARGS + ["steps=2", f"output_dir={tmp_path}"]))
+    _poison(tr.task, {1}, float("nan"), tr=tr)
+    for _ in range(tr.cfg.grad_accum):
+        tr._micro_step()
+    params = _params(tr.engine.module)
+
+    def no_read(*a, **k):
+        raise AssertionError("host read of a tensor during the step")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            m.setattr(torch.Tensor, name, no_read)
+        norm, skipped = tr.engine.step()
+        tr.objective.step(skipped)
+    assert bool(skipped) and not math.isfinite(float(norm))
+    assert all(torch.equal(v, params[k]) for k, v in _params(tr.engine.module).items())
