@@ -125,13 +125,13 @@ class LatentReasoningTask(ContinuationTask):
     def check_config(cls, cfg) -> None:
         if not cfg.data_path:
             raise ConfigError("data_path: the reasoning task needs a .json or .jsonl data file")
+        check_templates(cfg.prompt_template, cfg.answer_template)
         for key in ("data_path", "eval_data_path"):
             path = getattr(cfg, key)
             if path and not Path(path).is_file():
                 raise ConfigError(f"{key}: no such data file {path!r}")
             if path:  # read now, before any model loads: errors name the file and line
                 load_examples(path, cfg.question_key, cfg.answer_key, key)
-        check_templates(cfg.prompt_template, cfg.answer_template)
 
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None, choices=None):
