@@ -12,7 +12,10 @@ under DeepSpeed ZeRO-2/3. The files are the steps of a run:
     objective.py                              loss choice, log Z, dead ends, the s0 flow
     engines/                                  torch and DeepSpeed ZeRO engines (Engine)
     replay.py                                 the replay buffer
-    checkpoint.py, signals.py, export.py      checkpoints, clean stops, the saved model
+    checkpoint.py, checkpoint_files.py        checkpoints that never lose work
+    resume.py                                 which checkpoint resume takes; config changes
+    nonfinite.py                              never training on NaN
+    signals.py, export.py                     clean stops, the saved model
     evaluation.py, report.py, metrics_log.py  evaluation, the final table, metrics files
 
 The library (``fastgfn`` itself: losses, ops, kernels) never imports this package.
@@ -20,7 +23,10 @@ The library (``fastgfn`` itself: losses, ops, kernels) never imports this packag
 
 from fastgfn.trainer.config import Config
 from fastgfn.trainer.config_loading import load_config
-from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.errors import CheckpointError, ConfigError, FastgfnError, TrainingError
 from fastgfn.trainer.trainer import Trainer
 
-__all__ = ["Config", "ConfigError", "Trainer", "load_config"]
+__all__ = [
+    "CheckpointError", "Config", "ConfigError", "FastgfnError", "Trainer", "TrainingError",
+    "load_config",
+]

@@ -140,10 +140,20 @@ def resolve_path(value: str | None, base: Path) -> str | None:
 
 
 def _read_yaml(path: Path) -> dict:
+    """The mapping in a YAML file; a ``ConfigError`` naming the file (and the line of a syntax
+    error) when it cannot be read or parsed."""
     import yaml
 
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config: {path}:{where} YAML syntax error: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of key: value")
     return data

@@ -34,6 +34,16 @@ from fastgfn.trainer.scoring import hidden_states, prefix_log_likelihoods
 from fastgfn.trainer.tasks.base import Task, termination_token
 
 
+def read_prompts(path) -> list[str]:
+    """The non-empty lines of a prompts file (a ``ConfigError`` naming it if unreadable)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"data_path: cannot read the prompts file {str(path)!r} ({exc})"
+                          ) from None
+    return [x.strip() for x in text.splitlines() if x.strip()]
+
+
 class ContinuationTask(Task):
     name = "continuation"
     needs_reward_model = True
@@ -71,10 +81,12 @@ class ContinuationTask(Task):
             raise ConfigError("data_path: the continuation task needs a prompts file")
         if not Path(cfg.data_path).is_file():
             raise ConfigError(f"data_path: no such prompts file {cfg.data_path!r}")
+        if not read_prompts(cfg.data_path):
+            raise ConfigError(f"data_path: the prompts file {cfg.data_path!r} holds no prompts")
 
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None):
-        prompts = [x.strip() for x in Path(cfg.data_path).read_text().splitlines() if x.strip()]
+        prompts = read_prompts(cfg.data_path)
         return cls(tokenizer, prompts, reward, termination=cfg.termination,
                    use_fused=cfg.use_fused_logprobs, illegal_token_bias=cfg.illegal_token_bias,
                    bias_in_policy=cfg.illegal_token_bias_in_policy)
