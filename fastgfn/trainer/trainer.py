@@ -11,7 +11,8 @@ fine-tuned model. ``train_step`` is one optimizer step over ``grad_accum`` micro
     engine.backward(loss); ...; engine.step()     engines/: torch or DeepSpeed ZeRO
 
 The parts are built in ``components.py``; checkpoints are ``checkpoint.py``, the exported
-model ``export.py``, evaluation ``evaluation.py``.
+model ``export.py`` (its card ``model_card.py``), evaluation ``evaluation.py``, the pictures
+``report.py`` and ``plots.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from fastgfn.trainer import checkpoint, components
 from fastgfn.trainer.evaluation import evaluate
 from fastgfn.trainer.export import export_model, usage
 from fastgfn.trainer.metrics_log import MetricsLogger
+from fastgfn.trainer.model_card import model_card
+from fastgfn.trainer.plots import training_curves
 from fastgfn.trainer.report import format_table, histogram
 from fastgfn.trainer.scoring import gfn_logprobs
 from fastgfn.trainer.signals import StopSignals
@@ -142,26 +145,38 @@ class Trainer:
 
     def _finish(self, before: dict | None) -> dict:
         """After the last step: the final checkpoint, the evaluation with its table, the
-        exported model."""
-        cfg, results = self.cfg, {}
+        pictures, the exported model with its model card."""
+        cfg, results, after = self.cfg, {}, None
         if cfg.save_every:
             self.save()
         if cfg.eval_samples > 0:
             after = self._evaluate("after")
             results.update(before=before, after=after)
-            if self.is_main:
-                print(format_table(before, after))
-                if cfg.histogram and "counts" in after:
-                    png = self.out / "histogram.png"
-                    histogram(before["counts"] if before else None, after["counts"], self.task,
-                              png)
-                    print(f"histogram: {png}")
+        if self.is_main:
+            self._report(before, after)
         if cfg.save_model:
-            export_model(self.engine, self.tokenizer, cfg.model_dir, cfg.lora)
+            card = model_card(cfg, steps=self.step, before=before, after=after,
+                              prompt=self.task.prompt_text(0),
+                              log_z=self.objective.log_z.value())
+            export_model(self.engine, self.tokenizer, cfg.model_dir, cfg.lora, card)
             results["model_dir"] = str(cfg.model_dir)
             self.print(f"fine-tuned model saved to {cfg.model_dir}; load and sample it with:\n"
                        + usage(cfg.model_dir, self.task.prompt_text(0)))
         return results
+
+    def _report(self, before: dict | None, after: dict | None) -> None:
+        """Rank 0: the before/after table, the histogram, the training curves."""
+        cfg = self.cfg
+        if after is not None:
+            print(format_table(before, after))
+            if cfg.histogram and "counts" in after:
+                png = self.out / "histogram.png"
+                histogram(before["counts"] if before else None, after["counts"], self.task, png)
+                print(f"histogram: {png}")
+        png = self.out / "training_curves.png"
+        if cfg.training_curves and training_curves(self.out / "metrics.jsonl", png,
+                                                   f"{cfg.task}, loss={cfg.loss}"):
+            print(f"training curves: {png}")
 
     def _evaluate(self, when: str) -> dict:
         cfg = self.cfg
