@@ -213,3 +213,24 @@ def test_bad_arguments_are_named(tmp_path):
     tr.model.train()
     with pytest.raises(ValueError, match="returned 1 rewards for 8 completions"):
         tr._prepare_inputs([{"prompt": "n: ", "hint": ""}] * 8)
+
+
+def test_conversational_prompts_get_the_chat_template(tmp_path):
+    seen = {}
+
+    def reward(prompts, completions, **kwargs):
+        seen["prompt"], seen["completion"] = prompts[0], completions[0]
+        return [0.0] * len(completions)
+
+    model, tok = tiny_causal_lm()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    chat = [{"role": "user", "content": "a number?"}]
+    tr = GFNTrainer(model, reward, args=gfn_args(tmp_path), processing_class=tok,
+                    train_dataset=Dataset.from_dict({"prompt": [chat] * 2}))
+    tr.model.train()
+    batch = tr._prepare_inputs([{"prompt": chat}] * 8)
+    prompt = tok.decode(batch["input_ids"][0, :batch["prompt_len"]].tolist())
+    assert prompt == "user: a number?\nassistant: "
+    assert seen["prompt"] == chat and seen["completion"][0]["role"] == "assistant"
+    assert isinstance(seen["completion"][0]["content"], str)
