@@ -24,9 +24,8 @@ def test_plain_loop_learns_to_sample_every_digit_equally(capsys):
     assert kl < 0.1  # a uniform sampler shows about 9 / 2000 = 0.0045 on 1000 draws
 
 
-def test_trl_example_trains_and_saves(tmp_path, monkeypatch):
+def test_trl_example_trains_and_saves(tmp_path):
     pytest.importorskip("trl")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     example = runpy.run_path(str(EXAMPLES / "trl_gfn.py"), run_name="example")
     trainer = example["main"](["--steps", "3", "--output_dir", str(tmp_path)])
     assert trainer.state.global_step == 3

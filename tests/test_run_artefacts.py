@@ -5,6 +5,7 @@ model (Hugging Face format: YAML front matter that parses, with the required fie
 
 import glob
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -118,9 +119,14 @@ def test_report_to_wandb_offline_needs_no_network(tmp_path, monkeypatch):
     cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "report_to=wandb", "steps=2",
                                     "save_model=false", "training_curves=false"])
     Trainer(cfg).run()
+    import wandb
+
+    wandb.teardown()  # the W&B service writes the run file in the background: let it finish
     files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
-    data = Path(files[0]).read_bytes()
+    deadline = time.time() + 60
+    while b"log_z" not in (data := Path(files[0]).read_bytes()) and time.time() < deadline:
+        time.sleep(0.5)
     assert data[:4] == b":W&B"
     first = _steps(tmp_path)[0]
     for key in ("loss", "log_reward", "log_z"):

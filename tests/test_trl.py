@@ -6,15 +6,12 @@ its checkpoints carry log Z and the replay buffer, and bad arguments are named."
 
 import json
 import math
-import os
 import re
 
 import pytest
 import torch
 
 pytest.importorskip("trl")  # the optional [trl] extra
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from datasets import Dataset  # noqa: E402
 
