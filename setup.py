@@ -100,7 +100,12 @@ setup(
             "peft",
             "matplotlib",
         ],
-        "test": ["pytest", "pytest-benchmark", "ruff", "triton==3.7.1"],
+        # optional integrations and logging targets (docs/TRAINING.md)
+        "trl": ["trl==1.16.0"],
+        "tensorboard": ["tensorboard==2.21.0"],
+        "wandb": ["wandb==0.31.0"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "triton==3.7.1", "trl==1.16.0",
+                 "tensorboard==2.21.0", "wandb==0.31.0"],
     },
     entry_points={"console_scripts": ["fastgfn-train=fastgfn.train:main"]},
     zip_safe=False,

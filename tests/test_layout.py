@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fastgfn"
-HEAVY = ("transformers", "deepspeed", "peft", "accelerate")
+HEAVY = ("transformers", "deepspeed", "peft", "accelerate", "trl")
+INTEGRATIONS = "fastgfn.trainer.integrations"  # imported only by their users (optional extras)
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
@@ -63,6 +64,20 @@ def test_library_never_imports_the_engine_or_the_training_stack():
         for imp in imports:
             if imp.startswith("fastgfn.trainer") or imp == "fastgfn.train" or \
                     imp.split(".")[0] in HEAVY:
+                bad.append(f"{module} imports {imp}")
+    assert not bad, bad
+
+
+def test_integrations_are_imported_only_by_their_users():
+    """``fastgfn.trainer.integrations`` (TRL, an optional extra) is never imported by the
+    library or the engine, and TRL is imported nowhere else: ``import fastgfn`` and a
+    ``python -m fastgfn.train`` run work without TRL installed."""
+    bad = []
+    for module, imports in _graph().items():
+        if module.startswith(INTEGRATIONS):
+            continue
+        for imp in imports:
+            if imp.startswith(INTEGRATIONS) or imp.split(".")[0] == "trl":
                 bad.append(f"{module} imports {imp}")
     assert not bad, bad
 

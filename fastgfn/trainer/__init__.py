@@ -17,6 +17,8 @@ under DeepSpeed ZeRO-2/3. The files are the steps of a run:
     nonfinite.py                              never training on NaN
     signals.py, export.py                     clean stops, the saved model
     evaluation.py, report.py, metrics_log.py  evaluation, the final table, metrics files
+    plots.py, model_card.py                   training curves; the exported model's card
+    integrations/                             other tools (TRL); imported only by their users
 
 The library (``fastgfn`` itself: losses, ops, kernels) never imports this package.
 """

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.metrics_log import resolve_report_to
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Config:
     eval_rationales: int = 4  # reasoning: rationales sampled per question (0: no accuracy)
     eval_every: int = 0
     histogram: bool = True
+    training_curves: bool = True  # training_curves.png at the end (plots.py)
     # run, logging and checkpoints -------------------------------------------------------
     output_dir: str = "runs/default"
     save_every: int = 0
@@ -127,7 +129,9 @@ class Config:
     stop_after_steps: int = 0  # checkpoint and exit after this many steps of this invocation
     save_model: bool = True  # at the end, the fine-tuned model as a Hugging Face directory
     export_dir: str | None = None  # where it goes (default: <output_dir>/model)
-    tensorboard: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # logging targets beside
+    #   metrics.jsonl: none, tensorboard, wandb, or several (a comma list or a YAML list)
+    tensorboard: bool | None = None  # deprecated: report_to=tensorboard / report_to=none
     progress: bool = True
     deepspeed_config: str | None = None
     extra: dict = field(default_factory=dict)  # free-form, unvalidated
@@ -231,6 +235,7 @@ def validate(cfg: Config) -> Config:
         from fastgfn.trainer.models import require_flash_attn
 
         require_flash_attn()
+    resolve_report_to(cfg)
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(f"deepspeed_config: no such file {cfg.deepspeed_config!r}")
     return cfg

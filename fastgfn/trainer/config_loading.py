@@ -45,6 +45,13 @@ def _coerce(key: str, value, typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
+    if typ is list or typing.get_origin(typ) is list:  # a YAML list or "a,b"
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{key}: expected a list of names or a comma-separated string, got "
+                          f"{value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value

@@ -11,8 +11,9 @@ fine-tuned model. ``train_step`` is one optimizer step over ``grad_accum`` micro
     engine.backward(loss); ...; engine.step()     engines/: torch or DeepSpeed ZeRO
 
 The parts are built in ``components.py``; checkpoints are ``checkpoint.py`` and
-``resume.py``, the exported model ``export.py``, evaluation ``evaluation.py``, the policy for
-non-finite values ``nonfinite.py``.
+``resume.py``, the exported model ``export.py`` (its card ``model_card.py``), evaluation
+``evaluation.py``, the pictures ``report.py`` and ``plots.py``, the policy for non-finite
+values ``nonfinite.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from fastgfn.trainer import checkpoint, components, resume
 from fastgfn.trainer.evaluation import evaluate
 from fastgfn.trainer.export import export_model, usage
 from fastgfn.trainer.metrics_log import MetricsLogger
+from fastgfn.trainer.model_card import model_card
 from fastgfn.trainer.nonfinite import SkipCounter, nonfinite_rows, poisoned, report_rows
+from fastgfn.trainer.plots import training_curves
 from fastgfn.trainer.report import format_table, histogram
 from fastgfn.trainer.scoring import gfn_logprobs
 from fastgfn.trainer.signals import StopSignals
@@ -164,18 +167,25 @@ class Trainer:
         return results
 
     def _finish(self, before: dict | None) -> dict:
-        """After the last step: the final checkpoint first, then the exported model, then the
-        evaluation with its table. Should the export or the evaluation fail in a run that
-        saves no checkpoints, its state is saved before the error propagates."""
-        cfg, results = self.cfg, {}
+        """After the last step: the final checkpoint first, then the evaluation with its table
+        and pictures, then the exported model with its model card. Should the evaluation or the
+        export fail in a run that saves no checkpoints, its state is saved before the error
+        propagates."""
+        cfg, results, after = self.cfg, {}, None
         if cfg.save_every:
             self.save()
         try:
-            if cfg.save_model:
-                export_model(self.engine, self.tokenizer, cfg.model_dir, cfg.lora)
-                results["model_dir"] = str(cfg.model_dir)
             if cfg.eval_samples > 0:
-                results.update(self._evaluate_after(before))
+                after = self._evaluate("after")
+                results.update(before=before, after=after)
+            if self.is_main:
+                self._report(before, after)
+            if cfg.save_model:
+                card = model_card(cfg, steps=self.step, before=before, after=after,
+                                  prompt=self.task.prompt_text(0),
+                                  log_z=self.objective.log_z.value())
+                export_model(self.engine, self.tokenizer, cfg.model_dir, cfg.lora, card)
+                results["model_dir"] = str(cfg.model_dir)
         except Exception:
             self._rescue()
             raise
@@ -184,15 +194,19 @@ class Trainer:
                        + usage(cfg.model_dir, self.task.prompt_text(0)))
         return results
 
-    def _evaluate_after(self, before: dict | None) -> dict:
-        after = self._evaluate("after")
-        if self.is_main:
+    def _report(self, before: dict | None, after: dict | None) -> None:
+        """Rank 0: the before/after table, the histogram, the training curves."""
+        cfg = self.cfg
+        if after is not None:
             print(format_table(before, after))
-            if self.cfg.histogram and "counts" in after:
+            if cfg.histogram and "counts" in after:
                 png = self.out / "histogram.png"
                 histogram(before["counts"] if before else None, after["counts"], self.task, png)
                 print(f"histogram: {png}")
-        return {"before": before, "after": after}
+        png = self.out / "training_curves.png"
+        if cfg.training_curves and training_curves(self.out / "metrics.jsonl", png,
+                                                   f"{cfg.task}, loss={cfg.loss}"):
+            print(f"training curves: {png}")
 
     def _rescue(self) -> None:
         """A checkpoint of the trained state when the run has none of this step."""
