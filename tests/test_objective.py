@@ -113,3 +113,73 @@ def test_log_z_table_saves_and_loads_with_its_adam_state():
             (m[1] * 2.0).backward()
             m.step()
     assert torch.equal(again.param, z.param)
+
+
+def _exact_target_batch(task, prompt_index: int, floor: float):
+    """Every trajectory of the two-prompt task (4 one-token and 16 two-token continuations)
+    scored by the prompt's exact GFlowNet: flows F(ab) = R(ab) (the last state stops),
+    F(a) = R(a) + sum_b F(ab), F(s0) = exp(floor) + sum_a F(a) (s0 stops only with the floor
+    reward); q(next | s) = F(next) / F(s), q(STOP | s) = R(s) / F(s). Returns the loss inputs
+    (float64) and log Z(X) = log sum_a F(a)."""
+    t = task.table[prompt_index]
+    one, two = t["one"].double(), t["two"].double()
+    log_fa = torch.logaddexp(one, torch.logsumexp(two, 1))  # log F(a)
+    log_z = torch.logsumexp(log_fa, 0)
+    log_f0 = torch.logaddexp(log_z, torch.tensor(floor, dtype=torch.float64))
+    rows = []
+    for a in range(4):
+        rows.append(([log_fa[a] - log_f0], [floor - log_f0, one[a] - log_fa[a]],
+                     [floor, one[a]]))
+        for b in range(4):
+            rows.append(([log_fa[a] - log_f0, two[a, b] - log_fa[a]],
+                         [floor - log_f0, one[a] - log_fa[a], torch.tensor(0.0)],
+                         [floor, one[a], two[a, b]]))
+    B = len(rows)
+    log_pf, log_pterm, log_r = torch.zeros(B, 2), torch.zeros(B, 3), torch.zeros(B, 3)
+    lengths = torch.tensor([len(pf) for pf, _, _ in rows])
+    for i, (pf, pt, r) in enumerate(rows):
+        log_pf[i, :len(pf)] = torch.stack([torch.as_tensor(x) for x in pf]).float()
+        log_pterm[i, :len(pt)] = torch.stack([torch.as_tensor(x) for x in pt]).float()
+        log_r[i, :len(r)] = torch.stack([torch.as_tensor(x) for x in r]).float()
+    return log_pf.double(), log_pterm.double(), log_r.double(), lengths, float(log_z)
+
+
+def test_only_per_prompt_flows_balance_the_exact_target():
+    """Two prompts whose partition functions differ by several nats, each batch scored by its
+    prompt's exact target policy: the per-prompt constructions (the policy's own q(STOP | s0)
+    with the floor reward, or a learned log Z per prompt at its true value) give zero loss on
+    both prompts, so training can end there; one global log Z cannot, whatever its value: the
+    sub-trajectories from s0 keep residual c - log Z(X), and the summed loss of the two prompts
+    is at least (share of pairs from s0) * (log Z(B) - log Z(A))^2 / 2."""
+    from fastgfn.trainer.models import CharTokenizer
+
+    from .two_prompt_task import TwoPromptTask
+
+    task = TwoPromptTask(CharTokenizer())
+    floor = -99.0
+    batches = [_exact_target_batch(task, k, floor) for k in range(2)]
+    log_zs = [b[4] for b in batches]
+    gap = log_zs[1] - log_zs[0]
+    assert gap > 5.0
+    dead = torch.zeros(20, dtype=torch.bool)
+
+    def loss(obj, k):
+        log_pf, log_pterm, log_r, lengths, _ = batches[k]
+        return obj.loss(log_pf, log_pterm, obj.tempered_log_rewards(log_r, 0), lengths, dead,
+                        k)[0].item()
+
+    policy = Objective(_cfg("initial_flow=policy", f"min_length_log_reward={floor}"), "cpu", 2)
+    table = Objective(_cfg("initial_flow=log_z"), "cpu", 2)
+    with torch.no_grad():
+        table.log_z.param.copy_(torch.tensor(log_zs))
+    for k in range(2):
+        assert loss(policy, k) < 1e-9 and loss(table, k) < 1e-9
+    share = 36 / 52  # pairs that start at s0: 2 of 3 per two-token row, 1 of 1 per one-token
+    glob = Objective(_cfg("initial_flow=global_log_z"), "cpu", 2)
+    best = float("inf")
+    for c in torch.linspace(log_zs[0] - 2, log_zs[1] + 2, 401).tolist():
+        with torch.no_grad():
+            glob.log_z.param.fill_(c)
+        best = min(best, loss(glob, 0) + loss(glob, 1))
+    assert best == pytest.approx(share * gap**2 / 2, rel=1e-3)
+    assert best > 10.0

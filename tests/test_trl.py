@@ -98,9 +98,9 @@ def _reference_loss(tr, batch, loss: str, log_z: float, temperature: float):
         return fastgfn.vargrad_loss(log_pf, log_pterm, log_r, lengths, groups)
     if loss == "tb":
         return fastgfn.tb_loss(log_pf, log_pterm, log_r, lengths, torch.tensor(log_z))
-    # min_completion_length=1: s0 cannot stop, its flow is log Z (log_r[0] - log_pterm[0])
-    log_pterm = torch.cat([torch.full_like(log_pterm[:, :1], -log_z), log_pterm[:, 1:]], 1)
-    log_r = torch.cat([torch.zeros_like(log_r[:, :1]), log_r[:, 1:]], 1)
+    # two prompts, min_completion_length=1: s0 cannot stop; it keeps the policy's own
+    # q(STOP | s0) and gets the floor log-reward -99 (tempered), as in the engine
+    log_r = torch.cat([torch.full_like(log_r[:, :1], -99.0 / temperature), log_r[:, 1:]], 1)
     if loss == "db":
         return fastgfn.db_loss(log_pf, log_pterm, log_r, lengths)
     return fastgfn.subtb_loss(log_pf, log_pterm, log_r, lengths, lam=0.9)

@@ -84,14 +84,25 @@ def _add_gfn_forward(model) -> None:
     model.forward = forward
 
 
-def _objective_config(args: GFNConfig) -> SimpleNamespace:
+def _distinct_prompts(dataset) -> int:
+    return len({repr(row["prompt"]) for row in dataset})
+
+
+def _objective_config(args: GFNConfig, num_prompts: int) -> SimpleNamespace:
     """The engine ``Objective``'s keys, from the TRL config."""
     return SimpleNamespace(
         loss=args.loss, subtb_lambda=args.subtb_lambda, log_z_init=args.log_z_init,
         log_z_lr=args.log_z_lr, log_z_auto_init=args.log_z_auto_init,
         min_new_tokens=args.min_completion_length, reward_temperature=args.reward_temperature,
         reward_temperature_end=args.reward_temperature_end,
-        reward_temperature_steps=args.reward_temperature_steps, dead_ends=False)
+        reward_temperature_steps=args.reward_temperature_steps, dead_ends=False,
+        # with several prompts SubTB/DB take s0's flow from the policy itself (no log Z, as
+        # the engine does; states shorter than the minimum length get the floor reward); with
+        # one prompt, and for TB, one learned scalar log Z (TB: right for one prompt, or for
+        # prompts with similar normalisers)
+        initial_flow="policy" if args.loss in ("subtb", "db") and num_prompts > 1
+        else "global_log_z",
+        min_length_log_reward=-99.0)
 
 
 class _ObjectiveStep(TrainerCallback):
@@ -151,7 +162,8 @@ class GFNTrainer(_BaseTrainer):
                          processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
         device = self.accelerator.device
-        self.objective = Objective(_objective_config(args), device)
+        self.objective = Objective(_objective_config(args, _distinct_prompts(train_dataset)),
+                                   device)
         self.buffer = ReplayBuffer(args.replay_size, args.replay_min_distance)
         seed = rank_seed(args.seed, self.accelerator.process_index)
         self._py_rng = random.Random(seed)
@@ -322,14 +334,16 @@ class GFNTrainer(_BaseTrainer):
             return fastgfn.vargrad_loss(log_pf.float(), log_pterm.float(), log_r, lengths,
                                         group_ids)
         dead = torch.zeros(lengths.shape[0], dtype=torch.bool)
-        return self.objective.loss(log_pf, log_pterm, log_r, lengths, dead)
+        return self.objective.loss(log_pf, log_pterm, log_r, lengths, dead)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("GFNTrainer does not return outputs")
         log_pf, log_pterm = self.gfn_logprobs(model, inputs)
-        temperature = self.objective.reward_temperature(self.state.global_step)
-        loss = self.gfn_loss(log_pf, log_pterm, inputs["log_r"] / temperature,
+        step = self.state.global_step
+        temperature = self.objective.reward_temperature(step)
+        loss = self.gfn_loss(log_pf, log_pterm,
+                             self.objective.tempered_log_rewards(inputs["log_r"], step),
                              inputs["lengths"], inputs["group_ids"])
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["log_z"].append(self.objective.log_z.value())
