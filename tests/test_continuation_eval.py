@@ -302,9 +302,15 @@ def test_command_end_to_end_on_a_tiny_model(tmp_path):
     for (k, a), b in zip(ckpt.state_dict().items(), saved.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     out = tmp_path / "eval"
-    paths = run(parse_args(["--model", str(run_dir / "checkpoints"), "--config", str(conf),
-                            "--prompts", "2", "--samples", "3", "--out", str(out)]),
-                embedder=FakeEmbedder())
+    threads = torch.get_num_threads()
+    try:
+        paths = run(parse_args(["--model", str(run_dir / "checkpoints"), "--config", str(conf),
+                                "--prompts", "2", "--samples", "3", "--out", str(out),
+                                "num_threads=1"]),
+                    embedder=FakeEmbedder())
+        assert torch.get_num_threads() == 1  # the config's num_threads is applied
+    finally:
+        torch.set_num_threads(threads)
     table = (out / "table.md").read_text()
     for label in METHODS.values():
         assert label in table
@@ -313,7 +319,7 @@ def test_command_end_to_end_on_a_tiny_model(tmp_path):
     held = split_prompts(lines, 0.1, 0)[1]
     assert [p["prompt"] for p in res["prompts"]] == held[:2]
     assert set(res["methods"]) == set(METHODS)
-    assert res["methods"]["greedy"]["diversity"] is None
+    assert res["methods"]["greedy"]["diversity"] is None and res["meta"]["torch_threads"] == 1
     assert res["methods"]["gfn"]["samples"] == 6 and res["methods"]["greedy"]["samples"] == 2
     for m in res["methods"].values():
         assert m["max_ll"] >= m["mean_ll"] and m["max_ll"] < 0

@@ -14,6 +14,7 @@ under DeepSpeed ZeRO-2/3. The files are the steps of a run:
     replay.py                                 the replay buffer
     checkpoint.py, signals.py, export.py      checkpoints, clean stops, the saved model
     evaluation.py, report.py, metrics_log.py  evaluation, the final table, metrics files
+    continuation_eval/                        the continuation results table (a command)
 
 The library (``fastgfn`` itself: losses, ops, kernels) never imports this package.
 """

@@ -69,6 +69,8 @@ def build(args):
     cfg = load_config(args.config, args.overrides)
     if cfg.task != "continuation":
         raise ValueError(f"--config: must be a continuation config, got task={cfg.task!r}")
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
     prompts = heldout_prompts(cfg)[: args.prompts]
     if not prompts:
         raise ValueError(f"heldout_fraction: {cfg.heldout_fraction} holds out no prompt of "
@@ -144,7 +146,7 @@ def run(args, embedder=None) -> dict:
         "suppress_illegal": setup.suppress, "embedder": getattr(embedder, "name", "?"),
         "diversity_penalty": args.diversity_penalty, "seed": args.seed,
         "heldout_fraction": cfg.heldout_fraction, "heldout_seed": cfg.heldout_seed,
-        "wall_s": round(time.time() - start, 1),
+        "torch_threads": torch.get_num_threads(), "wall_s": round(time.time() - start, 1),
     }
     summary = summarise(per_prompt, args.methods, args.samples)
     paths = write_outputs(Path(args.out), summary, meta, per_prompt)
