@@ -63,7 +63,7 @@ def build(args):
     """``(cfg, base, policy, tokenizer, tasks, setup)`` for the evaluation."""
     from fastgfn.trainer import load_config
     from fastgfn.trainer.continuation_eval.loading import load_policy
-    from fastgfn.trainer.models import load_model
+    from fastgfn.trainer.models import cuda_available, load_model
     from fastgfn.trainer.tasks.continuation import ContinuationTask, heldout_prompts
 
     cfg = load_config(args.config, args.overrides)
@@ -75,9 +75,14 @@ def build(args):
     if not prompts:
         raise ValueError(f"heldout_fraction: {cfg.heldout_fraction} holds out no prompt of "
                          f"{cfg.data_path!r}; raise it")
+    device = torch.device(
+        "cuda" if cfg.device == "auto" and cuda_available() else
+        "cpu" if cfg.device == "auto" else cfg.device
+    )
     base, tok = load_model(dataclasses.replace(cfg, lora=False))
-    base.eval().requires_grad_(False)
+    base = base.to(device).eval().requires_grad_(False)
     policy = base if args.model in ("base", cfg.model) else load_policy(args.model, cfg)
+    policy = policy.to(device)
     if int(policy.config.vocab_size) < len(tok):
         raise ValueError(f"--model: {args.model!r} has a smaller vocabulary than the base "
                          "LM's tokenizer; it must share the base LM's tokenizer")

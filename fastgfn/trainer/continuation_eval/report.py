@@ -1,6 +1,6 @@
 """The evaluation's outputs: ``results.json`` (settings, per-method averages, per-prompt
 metrics and samples), ``table.md`` (one row per method) and ``ll_vs_diversity.png`` (one
-point per method: mean max log-likelihood against diversity)."""
+point per method: log-likelihood against diversity)."""
 
 from __future__ import annotations
 
@@ -44,28 +44,31 @@ def markdown_table(summary: dict, meta: dict) -> str:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    """Mean max log-likelihood (reward) against diversity, one labelled point per method;
-    a method without a diversity (greedy) is drawn at 0 with a hollow marker."""
+    """Log-likelihood (reward) against diversity, one point per method: the mean over
+    prompts of the per-prompt max (left) and mean (right). A method without a diversity
+    (greedy's one sample) is drawn hollow at 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for key, m in summary.items():
-        x = m["diversity"] if m["diversity"] is not None else 0.0
-        hollow = m["diversity"] is None
-        ax.scatter([x], [m["max_ll"]], s=60, marker="*" if key == "gfn" else "o",
-                   facecolors="none" if hollow else None,
-                   edgecolors="C0" if hollow else None, zorder=3)
-        ax.annotate(m["label"], (x, m["max_ll"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("diversity (1 - mean pairwise cosine similarity)")
-    ax.set_ylabel("max log p(z . | prompt) per prompt, mean over prompts (nats)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
+    markers = "*osDv^<>pXh"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True)
+    for ax, key, what in ((axes[0], "max_ll", "max"), (axes[1], "mean_ll", "mean")):
+        for k, (name, m) in enumerate(summary.items()):
+            hollow = m["diversity"] is None
+            x = 0.0 if hollow else m["diversity"]
+            color = f"C{k % 10}"
+            ax.scatter([x], [m[key]], s=140 if name == "gfn" else 60,
+                       marker=markers[k % len(markers)], label=m["label"], zorder=3,
+                       facecolors="none" if hollow else color, edgecolors=color)
+        ax.set_xlabel("diversity (1 - mean pairwise cosine similarity)")
+        ax.set_ylabel(f"{what} log p(z STOP | prompt) over samples (nats)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
