@@ -52,7 +52,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = "*osDv^<>pXh"
+    markers = "osDv^<>pXhd"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True)
     for ax, key, what in ((axes[0], "max_ll", "max"), (axes[1], "mean_ll", "mean")):
         for k, (name, m) in enumerate(summary.items()):
@@ -60,7 +60,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
             x = 0.0 if hollow else m["diversity"]
             color = f"C{k % 10}"
             ax.scatter([x], [m[key]], s=140 if name == "gfn" else 60,
-                       marker=markers[k % len(markers)], label=m["label"], zorder=3,
+                       marker="*" if name == "gfn" else markers[k % len(markers)],
+                       label=m["label"], zorder=3,
                        facecolors="none" if hollow else color, edgecolors=color)
         ax.set_xlabel("diversity (1 - mean pairwise cosine similarity)")
         ax.set_ylabel(f"{what} log p(z STOP | prompt) over samples (nats)")
