@@ -1,5 +1,7 @@
 """CPU benchmark: fused lm_head + per-token log-probs (C++) vs eager, torch.compile and
-``torch.nn.functional.linear_cross_entropy``; forward + backward, fp32.
+``torch.nn.functional.linear_cross_entropy``; forward + backward, fp32 or bf16 inputs
+(``--dtype bf16``: every variant gets bf16 hidden states and weight; the fused op accumulates
+in fp32, the others run PyTorch's own bf16 maths).
 
 Each variant runs in its own subprocess so that its peak memory (RSS high-water mark,
 ``ru_maxrss``) is measured, not estimated. Reported: the best wall time per forward+backward
@@ -14,6 +16,8 @@ fused op on a small shape first.
 
     .venv/bin/python -m bench.bench_linear_logprobs_cpu                # N=4096 H=576 V=49152
     .venv/bin/python -m bench.bench_linear_logprobs_cpu --n 1024 --reps 2
+    .venv/bin/python -m bench.bench_linear_logprobs_cpu --dtype bf16 --variants fastgfn_cpp,eager
+    .venv/bin/python -m bench.bench_linear_logprobs_cpu --floor   # 4 GEMMs at the MKL tile rate
     .venv/bin/python -m pytest bench/bench_linear_logprobs_cpu.py --benchmark-only  # small shape
 """
 
@@ -30,6 +34,7 @@ import time
 
 VARIANTS = ["fastgfn_cpp", "eager", "compiled", "linear_cross_entropy"]
 TERM = 2  # the termination token id
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def _rss_mb() -> float:
@@ -80,26 +85,29 @@ def make_step(variant: str):
 
     def step(h, w, target, g1, g2):
         logp, term = fwd(h, w, target, g1, g2)
-        torch.autograd.backward([logp, term], [g1, g2])
+        torch.autograd.backward([logp, term], [g1.to(logp.dtype), g2.to(term.dtype)])
 
     return step
 
 
-def run_variant(variant: str, n: int, hdim: int, vocab: int, reps: int, threads: int) -> dict:
+def run_variant(
+    variant: str, n: int, hdim: int, vocab: int, reps: int, threads: int, dtype: str = "fp32"
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    dt = getattr(torch, DTYPES[dtype])
     step = make_step(variant)
     if step is None:
         return {"variant": variant, "skipped": "not available in this torch"}
     g = torch.Generator().manual_seed(0)
     # Warm up on a tiny shape first, so that the baseline already includes the pages of the
     # libraries every variant touches (MKL kernels, OpenMP pools): what remains is data.
-    th = torch.randn(8, hdim, generator=g).requires_grad_()
-    tw = torch.randn(64, hdim, generator=g).requires_grad_()
+    th = torch.randn(8, hdim, generator=g).to(dt).requires_grad_()
+    tw = torch.randn(64, hdim, generator=g).to(dt).requires_grad_()
     step(th, tw, torch.randint(0, 64, (8,), generator=g), torch.randn(8), torch.randn(8))
-    h = torch.randn(n, hdim, generator=g).requires_grad_()
-    w = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).requires_grad_()
+    h = torch.randn(n, hdim, generator=g).to(dt).requires_grad_()
+    w = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).to(dt).requires_grad_()
     target = torch.randint(0, vocab, (n,), generator=g)
     g1, g2 = torch.randn(n, generator=g), torch.randn(n, generator=g)
     base = _rss_mb()
@@ -120,32 +128,63 @@ def run_variant(variant: str, n: int, hdim: int, vocab: int, reps: int, threads:
     }
 
 
-def check_correctness() -> dict:
-    """Every variant's gradients and the fused op's values agree on a small shape."""
+def gemm_floor(n: int, hdim: int, vocab: int, threads: int) -> dict:
+    """The matmul time any exact fused op must spend here: without the [N, V] logits it does
+    4 GEMMs of 2 N H V flops (logits forward, logits again in the backward, dh, dW) where
+    eager does 3. Measured as the single-thread MKL rate of one 256 x 576 x 512 tile product
+    (the kernel's tile) times ``threads``."""
+    import torch
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, hdim, generator=g), torch.randn(512, hdim, generator=g)
+    out = torch.empty(256, 512)
+    for _ in range(20):
+        torch.mm(a, b.T, out=out)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(50):
+            torch.mm(a, b.T, out=out)
+        times.append((time.perf_counter() - t0) / 50)
+    gflops = 2 * 256 * hdim * 512 / statistics.median(times) / 1e9
+    one = 2 * n * hdim * vocab / (gflops * 1e9 * threads) * 1e3
+    return {"tile_gflops_per_thread": gflops, "one_gemm_ms": one, "fused_floor_ms": 4 * one,
+            "eager_gemms_ms": 3 * one}
+
+
+def check_correctness(dtype: str = "fp32", variants=VARIANTS) -> dict:
+    """Max abs error of every variant's gradients (and of the fused op's values) against
+    float64 on a small shape, inputs rounded to ``dtype``."""
     import torch
 
     import fastgfn
 
     g = torch.Generator().manual_seed(1)
     n, hdim, vocab = 64, 32, 3000
-    h0 = torch.randn(n, hdim, generator=g)
-    w0 = torch.randn(vocab, hdim, generator=g) / hdim**0.5
+    dt = getattr(torch, DTYPES[dtype])
+    h0 = torch.randn(n, hdim, generator=g).to(dt)
+    w0 = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).to(dt)
     target = torch.randint(0, vocab, (n,), generator=g)
     g1, g2 = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    grads = {}
-    for variant in VARIANTS:
+    errs = {}
+    exact = make_step("eager")
+    h, w = h0.double().requires_grad_(), w0.double().requires_grad_()
+    exact(h, w, target, g1.double(), g2.double())
+    ref = (h.grad, w.grad)
+    for variant in variants:
         step = make_step(variant)
         if step is None:
             continue
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
         step(h, w, target, g1, g2)
-        grads[variant] = (h.grad, w.grad)
+        errs[variant] = max(
+            float((h.grad.double() - ref[0]).abs().max()),
+            float((w.grad.double() - ref[1]).abs().max()),
+        )
     out = fastgfn.linear_token_logprobs(h0, w0, target, extra_ids=[TERM], backend="cpp")
     lsm = torch.log_softmax(h0.double() @ w0.double().T, -1)
-    errs = {"values": float((out.logp.double() - lsm[torch.arange(n), target]).abs().max())}
-    ref = grads["eager"]
-    for variant, (dh, dw) in grads.items():
-        errs[variant] = max(float((dh - ref[0]).abs().max()), float((dw - ref[1]).abs().max()))
+    errs["fused values"] = float((out.logp.double() - lsm[torch.arange(n), target]).abs().max())
     return errs
 
 
@@ -157,27 +196,37 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument(
         "--rounds",
         type=int,
         default=2,
         help="interleaved rounds over the variants (a shared machine's load then "
-        "hits every variant alike); the best round of each is reported",
+        "hits every variant alike); the best run and the median of the rounds' medians "
+        "of each are reported",
     )
+    ap.add_argument("--floor", action="store_true",
+                    help="only print the matmul floor of a fused op at this shape")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.floor:
+        print(json.dumps(gemm_floor(args.n, args.hidden, args.vocab, args.threads)))
+        return
     if args.worker:
-        res = run_variant(args.worker, args.n, args.hidden, args.vocab, args.reps, args.threads)
+        res = run_variant(
+            args.worker, args.n, args.hidden, args.vocab, args.reps, args.threads, args.dtype
+        )
         print("RESULT " + json.dumps(res), flush=True)
         return
+    variants = args.variants.split(",")
     print(
-        "correctness (max abs diff of gradients vs eager; values vs float64):",
-        json.dumps(check_correctness()),
+        "correctness (max abs error vs float64 of the gradients, and of the fused values):",
+        json.dumps(check_correctness(args.dtype, variants)),
         flush=True,
     )
-    best: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
-        for variant in args.variants.split(","):
+        for variant in variants:
             cmd = [
                 sys.executable,
                 "-m",
@@ -194,6 +243,8 @@ def main() -> None:
                 str(args.reps),
                 "--threads",
                 str(args.threads),
+                "--dtype",
+                args.dtype,
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -202,33 +253,48 @@ def main() -> None:
                 continue
             res = json.loads(line[0][7:])
             print(json.dumps(res), flush=True)
-            if variant not in best or res.get("ms", 0) < best[variant].get("ms", 0):
-                best[variant] = res
-    rows = list(best.values())
+            runs.setdefault(variant, []).append(res)
+    rows = [_summary(results) for results in runs.values()]
     eager = next((r for r in rows if r["variant"] == "eager" and "ms" in r), None)
     print(
-        f"\nN={args.n} H={args.hidden} V={args.vocab} fp32, threads={args.threads}, "
+        f"\nN={args.n} H={args.hidden} V={args.vocab} {args.dtype}, threads={args.threads}, "
         f"best of {args.reps} runs x {args.rounds} interleaved rounds"
     )
     print(
-        "| variant | ms (fwd+bwd) | vs eager | peak RSS MiB | peak over inputs MiB | "
-        "memory vs eager |"
+        "| variant | median ms (fwd+bwd) | median vs eager | best ms | best vs eager | "
+        "peak RSS MiB | peak over baseline MiB | memory vs eager |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "ms" not in r:
-            print(f"| {r['variant']} | {r.get('skipped', 'failed')} | | | | |")
+            print(f"| {r['variant']} | {r.get('skipped', 'failed')} | | | | | | |")
             continue
-        speed = f"{r['ms'] / eager['ms']:.2f}x" if eager else "-"
+        med = f"{r['ms_median'] / eager['ms_median']:.2f}x" if eager else "-"
+        best = f"{r['ms'] / eager['ms']:.2f}x" if eager else "-"
         mem = (
             f"{eager['peak_over_inputs_mb'] / max(r['peak_over_inputs_mb'], 1e-9):.1f}x lower"
             if eager
             else "-"
         )
         print(
-            f"| {r['variant']} | {r['ms']:.0f} | {speed} | {r['peak_rss_mb']:.0f} | "
-            f"{r['peak_over_inputs_mb']:.0f} | {mem} |"
+            f"| {r['variant']} | {r['ms_median']:.0f} | {med} | {r['ms']:.0f} | {best} | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_over_inputs_mb']:.0f} | {mem} |"
         )
+
+
+def _summary(results: list[dict]) -> dict:
+    """One row per variant over the rounds: the best time, the median of every round's
+    median, and the largest peak memory."""
+    timed = [r for r in results if "ms" in r]
+    if not timed:
+        return results[0]
+    return {
+        "variant": timed[0]["variant"],
+        "ms": min(r["ms"] for r in timed),
+        "ms_median": statistics.median(r["ms_median"] for r in timed),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in timed),
+        "peak_over_inputs_mb": max(r["peak_over_inputs_mb"] for r in timed),
+    }
 
 
 # pytest-benchmark entry point (a small shape; memory is only measured by the script) ---------

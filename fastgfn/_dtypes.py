@@ -1,4 +1,4 @@
-"""The dtype every backend accumulates and returns in (DESIGN.md conventions): float64 when
+"""The dtype every backend accumulates and returns in (docs/MATH.md §1, §2): float64 when
 any input is float64, float32 otherwise (16-bit inputs included). Imported by the ops and by
 the Triton launchers alike, so the rule lives in one place."""
 

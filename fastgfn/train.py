@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: `deepspeed fastgfn/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastgfn.trainer.config_loading import load_config  # noqa: E402
-from fastgfn.trainer.errors import ConfigError  # noqa: E402
+from fastgfn.trainer.errors import FastgfnError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,7 +36,10 @@ def parse_args(argv=None):
                    help="DeepSpeed JSON config (ZeRO-2/3)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the DeepSpeed launcher (LOCAL_RANK is also read)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint under output_dir")
+    p.add_argument("--allow_config_change", "--allow-config-change", action="store_true",
+                   help="with --resume: apply settings that differ from the checkpoint's")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_intermixed_args(argv)
 
@@ -47,22 +50,28 @@ def build_config(args):
         overrides.append(f"deepspeed_config={args.deepspeed_config}")
     if args.resume:
         overrides.append("resume=true")
+    if args.allow_config_change:
+        overrides.append("allow_config_change=true")
     return load_config(args.config, overrides)
 
 
 def main(argv=None) -> int:
+    """Run; a ``FastgfnError`` (bad config or input, unusable checkpoint, full disk, too many
+    non-finite steps) ends as one line ``fastgfn: <kind> error: ...`` and exit status 2."""
     args = parse_args(argv)
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     try:
         cfg = build_config(args)
-    except ConfigError as exc:
-        print(f"fastgfn: config error: {exc}", file=sys.stderr)
+        from fastgfn.trainer import Trainer
+
+        Trainer(cfg).run()
+    except FastgfnError as exc:
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"fastgfn: {exc.kind} error: {message}", file=sys.stderr)
         return 2
-    from fastgfn.trainer import Trainer
     from fastgfn.trainer.engines.distributed import shutdown_distributed
 
-    Trainer(cfg).run()
     shutdown_distributed()
     return 0
 

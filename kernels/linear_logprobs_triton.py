@@ -5,9 +5,9 @@ each tile is ``z = h[rows] W[cols]^T (+ b)``, accumulated over H in BLOCK_H slic
 ``tl.dot`` (tensor cores: wgmma on sm_90), fp32 accumulation.
 
 Forward: one program per BLOCK_N rows walks the vocabulary, folding each tile into the row
-statistics exactly as the from-logits kernel does (``logprobs_triton``: online max, rescaled
-sum and centred first moment -> lse and entropy). The target / extra-id logits are N (1 + K)
-dot products, gathered by the launcher with torch ops.
+statistics exactly as the from-logits kernel does (``logprobs_common_triton``: online max,
+rescaled sum and centred first moment -> lse and entropy). The target / extra-id logits are
+N (1 + K) dot products, gathered by the launcher with torch ops.
 
 Backward: one program per (BLOCK_N rows, BLOCK_V columns) tile recomputes z, forms dz with the
 shared gradient rule, and scatters both products with fp32 atomics:
@@ -29,18 +29,18 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgfn._backend import triton_interpreter_enabled
 from fastgfn._dtypes import accumulation_dtype
+from fastgfn.backends import triton_interpreter_enabled
+from fastgfn.reference.logprobs import checked_extra_ids, checked_targets
 
-from .logprobs_triton import (
+from .logprobs_common_triton import (
     NEG_BIG,
-    _finish,
-    _grad_tile,
-    _online_update,
-    _transform,
+    backward_rows,
+    finish,
     finish_outputs,
-    gathered_targets,
-    row_coefficient,
+    grad_tile,
+    online_update,
+    transform,
     transform_columns,
 )
 
@@ -137,10 +137,10 @@ def linear_logprobs_stats_kernel(
             IEEE,
         )
         beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0) if HAS_BETA else 0.0
-        x, _ = _transform(z, beta, inv_tau, softcap, HAS_SOFTCAP, HAS_BETA)
+        x, _ = transform(z, beta, inv_tau, softcap, HAS_SOFTCAP, HAS_BETA)
         x = tl.where(col_mask[None, :], x, float("-inf"))
-        m, s, u = _online_update(x, m, s, u)
-    lse, ent = _finish(m, s, u)
+        m, s, u = online_update(x, m, s, u)
+    lse, ent = finish(m, s, u)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     if WANT_ENTROPY:
         tl.store(ent_ptr + rows, ent, mask=row_mask)
@@ -206,7 +206,7 @@ def linear_logprobs_backward_kernel(
         BLOCK_H,
         IEEE,
     )
-    dz = _grad_tile(
+    dz = grad_tile(
         z,
         rows,
         cols,
@@ -307,7 +307,7 @@ def _prepare(hidden, weight, bias, vocab_bias):
     return h, w, b, beta
 
 
-def _gathered_logits(h, w, b, beta, ids, temperature, softcap):
+def _gathered_logits(h, w, b, beta, ids, opts):
     """z'[n, ids[n, j]] for an index tensor ids [N, J] (fp32).
 
     These N (1 + K) dot products are computed in float64 (they are few): an fp32 dot of
@@ -316,36 +316,33 @@ def _gathered_logits(h, w, b, beta, ids, temperature, softcap):
     z = torch.einsum("nh,njh->nj", h.double(), w[ids].double())
     if b is not None:
         z = z + b[ids].double()
-    z = transform_columns(z, beta[ids] if beta is not None else None, temperature, softcap)
-    return z.float()
+    return transform_columns(z, beta[ids] if beta is not None else None, opts).float()
 
 
-def linear_logprobs_forward(
-    hidden,
-    weight,
-    bias,
-    target,
-    extra_ids,
-    vocab_bias,
-    temperature,
-    softcap,
-    ignore_index,
-    need_entropy,
-):
+def _launch_flags(opts, h, b, beta):
+    return dict(
+        inv_tau=1.0 / opts.temperature,
+        softcap=opts.softcap if opts.softcap > 0.0 else 1.0,
+        HAS_BIAS=b is not None,
+        HAS_SOFTCAP=opts.softcap > 0.0,
+        HAS_BETA=beta is not None,
+        IEEE=_ieee(h),
+    )
+
+
+def linear_logprobs_forward(hidden, weight, bias, target, extra_ids, vocab_bias, opts):
     N, H = hidden.shape
     V = weight.shape[0]
-    out_dtype = accumulation_dtype(hidden)
     h, w, b, beta = _prepare(hidden, weight, bias, vocab_bias)
     lse = torch.empty(N, device=h.device, dtype=torch.float32)
-    ent = torch.empty(N if need_entropy else 1, device=h.device, dtype=torch.float32)
+    ent = torch.empty(N if opts.need_entropy else 1, device=h.device, dtype=torch.float32)
     blocks, launch = _config("fwd", h, H)
     if N:
-        dummy = lse
         linear_logprobs_stats_kernel[(triton.cdiv(N, blocks["BLOCK_N"]),)](
             h,
             w,
-            b if b is not None else dummy,
-            beta if beta is not None else dummy,
+            b if b is not None else lse,
+            beta if beta is not None else lse,
             lse,
             ent,
             N,
@@ -353,104 +350,71 @@ def linear_logprobs_forward(
             H,
             h.stride(0),
             w.stride(0),
-            1.0 / temperature,
-            softcap if softcap > 0.0 else 1.0,
-            HAS_BIAS=b is not None,
-            HAS_SOFTCAP=softcap > 0.0,
-            HAS_BETA=beta is not None,
-            WANT_ENTROPY=need_entropy,
-            IEEE=_ieee(h),
+            **_launch_flags(opts, h, b, beta),
+            WANT_ENTROPY=opts.need_entropy,
             **blocks,
             **launch,
         )
-    safe, _ = gathered_targets(target, ignore_index)
-    tgt_logit = _gathered_logits(h, w, b, beta, safe[:, None], temperature, softcap)[:, 0]
-    ex = extra_ids.long()[None, :].expand(N, -1)
-    extra_logit = _gathered_logits(h, w, b, beta, ex, temperature, softcap)
+    _, _, safe = checked_targets(target, opts.ignore_index, V)
+    _, ex = checked_extra_ids(extra_ids, V, h.device)
+    tgt_logit = _gathered_logits(h, w, b, beta, safe[:, None], opts)[:, 0]
+    extra_logit = _gathered_logits(h, w, b, beta, ex[None, :].expand(N, -1), opts)
+    out_dtype = accumulation_dtype(hidden)
     return finish_outputs(
-        tgt_logit, extra_logit, lse, ent[:N], target, ignore_index, need_entropy, out_dtype
+        tgt_logit, extra_logit, lse, ent[:N], target, extra_ids, V, opts, out_dtype
     )
 
 
 def linear_logprobs_backward(
-    grad_logp,
-    grad_extra,
-    grad_entropy,
-    grad_lse,
-    hidden,
-    weight,
-    bias,
-    target,
-    extra_ids,
-    vocab_bias,
-    lse,
-    entropy,
-    temperature,
-    softcap,
-    ignore_index,
-    need_hidden,
-    need_weight,
-    need_bias,
+    grads, hidden, weight, bias, target, extra_ids, vocab_bias, lse, entropy, opts, needed
 ):
     N, H = hidden.shape
     V = weight.shape[0]
     h, w, b, beta = _prepare(hidden, weight, bias, vocab_bias)
-    _, valid = gathered_targets(target, ignore_index)
-    G = row_coefficient(grad_logp, grad_extra, grad_lse, valid)
-    gy = (grad_logp.float() * valid.float()).contiguous()
-    y = torch.where(valid, target, torch.full_like(target, -1)).to(torch.int32).contiguous()
-    ge = grad_extra.float().contiguous()
-    ex = extra_ids.to(torch.int32).contiguous()
-    has_gh = grad_entropy is not None and grad_entropy.numel() == N
-    gH = grad_entropy.float().contiguous() if has_gh else G
-    ent = entropy.float().contiguous() if has_gh else G
-    lse32 = lse.float().contiguous()
-    need_bias = bool(need_bias and b is not None)
-    dh = torch.zeros((N, H) if need_hidden else (1,), device=h.device, dtype=torch.float32)
-    dw = torch.zeros((V, H) if need_weight else (1,), device=h.device, dtype=torch.float32)
+    rows = backward_rows(grads, target, extra_ids, V, lse, entropy, opts)
+    need_bias = bool(needed.bias and b is not None)
+    dh = torch.zeros((N, H) if needed.hidden else (1,), device=h.device, dtype=torch.float32)
+    dw = torch.zeros((V, H) if needed.weight else (1,), device=h.device, dtype=torch.float32)
     db = torch.zeros((V,) if need_bias else (1,), device=h.device, dtype=torch.float32)
     blocks, launch = _config("bwd", h, H)
-    if N and (need_hidden or need_weight or need_bias):
+    if N and (needed.hidden or needed.weight or need_bias):
         grid = (triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(V, blocks["BLOCK_V"]))
         linear_logprobs_backward_kernel[grid](
             h,
             w,
-            b if b is not None else lse32,
-            beta if beta is not None else lse32,
+            b if b is not None else rows.lse,
+            beta if beta is not None else rows.lse,
             dh,
             dw,
             db,
-            lse32,
-            ent,
-            G,
-            gH,
-            gy,
-            y,
-            ge,
-            ex,
+            rows.lse,
+            rows.ent,
+            rows.G,
+            rows.gH,
+            rows.gy,
+            rows.y,
+            rows.ge,
+            rows.ex,
             N,
             V,
             H,
-            ex.numel(),
+            rows.ex.numel(),
             h.stride(0),
             w.stride(0),
-            1.0 / temperature,
-            softcap if softcap > 0.0 else 1.0,
-            HAS_BIAS=b is not None,
-            HAS_SOFTCAP=softcap > 0.0,
-            HAS_BETA=beta is not None,
-            HAS_GH=has_gh,
-            NEED_DH=need_hidden,
-            NEED_DW=need_weight,
+            **_launch_flags(opts, h, b, beta),
+            HAS_GH=rows.has_gh,
+            NEED_DH=needed.hidden,
+            NEED_DW=needed.weight,
             NEED_DB=need_bias,
-            IEEE=_ieee(h),
             **blocks,
             **launch,
         )
-    empty = lambda: hidden.new_empty((0,))  # noqa: E731
+    def empty():  # one fresh tensor per output: outputs of an op may not alias
+        return hidden.new_empty((0,))
+
     return (
-        dh.to(hidden.dtype) if need_hidden else empty(),
-        dw.to(weight.dtype) if need_weight else empty(),
+        dh.to(hidden.dtype) if needed.hidden else empty(),
+        dw.to(weight.dtype) if needed.weight else empty(),
         db.to(bias.dtype) if need_bias else empty(),
     )
 

@@ -1,26 +1,11 @@
 """Per-token log-probs from logits ``[N, V]``, Triton kernels: forward and backward.
 
-Maths (DESIGN.md §2.1), with z' = c tanh(z / c) / tau + beta. A program owns BLOCK_N rows and
-walks the vocabulary in BLOCK_V columns keeping, per row, the running max m, the rescaled sum
-s = sum_v exp(z'_v - m) and the *centred* first moment u = sum_v exp(z'_v - m) (z'_v - m).
-When the max moves from m to m' (d = m - m' <= 0):
-
-    s' = e^d s + sum_new e^(z' - m'),      u' = e^d (u + d s) + sum_new e^(z' - m') (z' - m'),
-
-and at the end lse = m + log s, entropy H = log s - u / s. Every term is of the size of a
-log-probability, so rows with logits of ±1e4 lose nothing to cancellation. ``z' - m'`` is
-clamped at -1000 (exp underflows to exactly 0 there) so that -inf bias entries give
-0 * (-1000) = 0 instead of 0 * inf. The running max starts at -1e30 (finite) for the same
-reason.
-
-The target and extra-id logits are single columns: the launcher gathers and transforms them
-with torch ops (N + N K elements) rather than matching columns inside the kernel.
-
-Backward (one program per BLOCK_N rows x BLOCK_V columns, no reductions across programs):
-    dz' = onehots - p (G + g_H (log p + H)),   G = g_y [y valid] + sum_k g_e,k - g_lse
-    dz  = dz' / tau (1 - tanh^2(z / c)).
-All maths is fp32 (fp64 never reaches these kernels' arithmetic: fp64 inputs compute in fp32
-and the launcher returns fp32-accurate results in fp64).
+Maths: docs/MATH.md §1, with z' = c tanh(z / c) / tau + beta. The forward kernel gives each
+program BLOCK_N rows and walks the vocabulary in BLOCK_V columns, folding every tile into the
+online row statistics of ``logprobs_common_triton`` (lse and entropy). The backward kernel
+gives each program one BLOCK_N x BLOCK_V tile of d logits (the shared gradient rule). The
+target and extra-id logits are gathered by the launcher. All maths is fp32 (fp64 inputs
+compute in fp32 and the launcher returns fp32-accurate results in fp64).
 """
 
 from __future__ import annotations
@@ -30,108 +15,18 @@ import triton
 import triton.language as tl
 
 from fastgfn._dtypes import accumulation_dtype
+from fastgfn.reference.logprobs import checked_extra_ids, checked_targets
 
-NEG_BIG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _tanh_and_slope(x):
-    """(tanh x, 1 - tanh^2 x) from e = exp(-2|x|) (no libdevice dependency):
-    tanh |x| = (1 - e) / (1 + e) and 1 - tanh^2 = 4 e / (1 + e)^2. The slope is computed from
-    e directly: in a saturated (confident) logit, 1 - t^2 from a rounded t loses all digits."""
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    t = tl.where(x < 0, -t, t)
-    return t, 4.0 * e / ((1.0 + e) * (1.0 + e))
-
-
-@triton.jit
-def _transform(z, beta, inv_tau, softcap, HAS_SOFTCAP: tl.constexpr, HAS_BETA: tl.constexpr):
-    """z [BN, BV] fp32 raw logits -> (z', d c tanh(z / c) / dz, or z when no softcap)."""
-    t = z
-    if HAS_SOFTCAP:
-        th, t = _tanh_and_slope(z / softcap)
-        z = th * (softcap * inv_tau)
-    else:
-        z = z * inv_tau
-    if HAS_BETA:
-        z = z + beta[None, :]
-    return z, t
-
-
-@triton.jit
-def _online_update(x, m, s, u):
-    """Fold a tile x [BN, BV] of z' (masked entries -inf) into the row statistics m, s, u."""
-    m_new = tl.maximum(m, tl.max(x, 1))
-    d = m - m_new
-    alpha = tl.exp(d)
-    y = tl.maximum(x - m_new[:, None], -1000.0)
-    e = tl.exp(y)
-    s_new = alpha * s + tl.sum(e, 1)
-    u_new = alpha * (u + d * s) + tl.sum(e * y, 1)
-    return m_new, s_new, u_new
-
-
-@triton.jit
-def _finish(m, s, u):
-    """(lse, entropy) from the row statistics; rows with no finite logit get (-inf, 0)."""
-    pos = s > 0
-    log_s = tl.log(tl.where(pos, s, 1.0))
-    lse = tl.where(pos, m + log_s, float("-inf"))
-    ent = tl.where(pos, log_s - u / tl.where(pos, s, 1.0), 0.0)
-    return lse, ent
-
-
-@triton.jit
-def _grad_tile(
-    z,
-    rows,
-    cols,
-    row_mask,
-    col_mask,
-    beta_ptr,
-    lse_ptr,
-    ent_ptr,
-    G_ptr,
-    gH_ptr,
-    gy_ptr,
-    y_ptr,
-    ge_ptr,
-    ex_ptr,
-    K,
-    inv_tau,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_BETA: tl.constexpr,
-    HAS_GH: tl.constexpr,
-):
-    """dz (w.r.t. the raw logits) of a tile of raw logits ``z`` (fp32): applies the transform
-    to get z' = x, loads the per-row statistics and upstream gradients, and returns dz."""
-    beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0) if HAS_BETA else 0.0
-    x, t = _transform(z, beta, inv_tau, softcap, HAS_SOFTCAP, HAS_BETA)
-    x = tl.where(col_mask[None, :], x, float("-inf"))
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    G = tl.load(G_ptr + rows, mask=row_mask, other=0.0)
-    gy = tl.load(gy_ptr + rows, mask=row_mask, other=0.0)
-    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
-    lp = tl.maximum(x - lse[:, None], -1000.0)
-    p = tl.exp(lp)
-    if HAS_GH:
-        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
-        gH = tl.load(gH_ptr + rows, mask=row_mask, other=0.0)
-        coef = G[:, None] + gH[:, None] * (lp + ent[:, None])
-    else:
-        coef = G[:, None] + 0.0 * lp
-    dz = -p * coef
-    dz += tl.where(cols[None, :] == y[:, None], gy[:, None], 0.0)
-    for k in range(K):
-        e = tl.load(ex_ptr + k)
-        ge = tl.load(ge_ptr + rows.to(tl.int64) * K + k, mask=row_mask, other=0.0)
-        dz += tl.where(cols[None, :] == e, ge[:, None], 0.0)
-    if HAS_SOFTCAP:
-        dz = dz * t  # t holds the slope 1 - tanh^2(z / c)
-    dz = dz * inv_tau
-    return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+from .logprobs_common_triton import (
+    NEG_BIG,
+    backward_rows,
+    finish,
+    finish_outputs,
+    grad_tile,
+    online_update,
+    transform,
+    transform_columns,
+)
 
 
 @triton.jit
@@ -165,10 +60,10 @@ def logprobs_stats_kernel(
             z_ptr + rows[:, None].to(tl.int64) * stride_zn + cols[None, :], mask=mask, other=0.0
         ).to(tl.float32)
         beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0) if HAS_BETA else 0.0
-        x, _ = _transform(z, beta, inv_tau, softcap, HAS_SOFTCAP, HAS_BETA)
+        x, _ = transform(z, beta, inv_tau, softcap, HAS_SOFTCAP, HAS_BETA)
         x = tl.where(col_mask[None, :], x, float("-inf"))
-        m, s, u = _online_update(x, m, s, u)
-    lse, ent = _finish(m, s, u)
+        m, s, u = online_update(x, m, s, u)
+    lse, ent = finish(m, s, u)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     if WANT_ENTROPY:
         tl.store(ent_ptr + rows, ent, mask=row_mask)
@@ -210,7 +105,7 @@ def logprobs_backward_kernel(
     z = tl.load(
         z_ptr + rows[:, None].to(tl.int64) * stride_zn + cols[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    dz = _grad_tile(
+    dz = grad_tile(
         z,
         rows,
         cols,
@@ -240,55 +135,32 @@ def logprobs_backward_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side (shared with linear_logprobs_triton)
+# Host side
 # ---------------------------------------------------------------------------------------------
 
 
-def transform_columns(z, beta_cols, temperature, softcap):
-    """torch version of the transform for a few gathered columns (fp32, or fp64 given fp64)."""
-    z = z if z.dtype == torch.float64 else z.float()
-    if softcap > 0.0:
-        z = softcap * torch.tanh(z / softcap)
-    z = z * (1.0 / temperature)
-    if beta_cols is not None:
-        z = z + beta_cols.to(z.dtype)
-    return z
-
-
-def finish_outputs(tgt_logit, extra_logit, lse, ent, target, ignore_index, need_entropy, dtype):
-    """Pack (logp, extra, entropy, lse) from gathered logits and row statistics."""
-    valid = target != ignore_index
-    logp = torch.where(valid, tgt_logit - lse, torch.zeros_like(lse))
-    extra = extra_logit - lse[:, None]
-    entropy = ent if need_entropy else lse.new_empty((0,))
-    return logp.to(dtype), extra.to(dtype), entropy.to(dtype), lse.to(dtype)
-
-
-def gathered_targets(target, ignore_index):
-    valid = target != ignore_index
-    return torch.where(valid, target, torch.zeros_like(target)).long(), valid
-
-
-def row_coefficient(grad_logp, grad_extra, grad_lse, valid):
-    G = grad_logp.float() * valid.float()
-    if grad_extra.numel():
-        G = G + grad_extra.float().sum(1)
-    return (G - grad_lse.float()).contiguous()
-
-
-def logprobs_forward(
-    logits, target, extra_ids, vocab_bias, temperature, softcap, ignore_index, need_entropy
-):
-    N, V = logits.shape
-    out_dtype = accumulation_dtype(logits)
+def _prepare(logits, vocab_bias):
     z = logits if logits.dtype != torch.float64 else logits.float()
-    z = z.contiguous()
     beta = vocab_bias.float().contiguous() if vocab_bias is not None else None
+    return z.contiguous(), beta
+
+
+def _transform_flags(opts, beta):
+    return dict(
+        inv_tau=1.0 / opts.temperature,
+        softcap=opts.softcap if opts.softcap > 0.0 else 1.0,
+        HAS_SOFTCAP=opts.softcap > 0.0,
+        HAS_BETA=beta is not None,
+    )
+
+
+def logprobs_forward(logits, target, extra_ids, vocab_bias, opts):
+    N, V = logits.shape
+    z, beta = _prepare(logits, vocab_bias)
     lse = torch.empty(N, device=logits.device, dtype=torch.float32)
-    ent = torch.empty(N if need_entropy else 1, device=logits.device, dtype=torch.float32)
-    BLOCK_N, BLOCK_V = 4, 1024
+    ent = torch.empty(N if opts.need_entropy else 1, device=logits.device, dtype=torch.float32)
     if N:
-        logprobs_stats_kernel[(triton.cdiv(N, BLOCK_N),)](
+        logprobs_stats_kernel[(triton.cdiv(N, 4),)](
             z,
             beta if beta is not None else lse,
             lse,
@@ -296,84 +168,50 @@ def logprobs_forward(
             N,
             V,
             z.stride(0),
-            1.0 / temperature,
-            softcap if softcap > 0.0 else 1.0,
-            HAS_SOFTCAP=softcap > 0.0,
-            HAS_BETA=beta is not None,
-            WANT_ENTROPY=need_entropy,
-            BLOCK_N=BLOCK_N,
-            BLOCK_V=BLOCK_V,
+            **_transform_flags(opts, beta),
+            WANT_ENTROPY=opts.need_entropy,
+            BLOCK_N=4,
+            BLOCK_V=1024,
         )
-    safe, _ = gathered_targets(target, ignore_index)
-    ex = extra_ids.long()
+    _, _, safe = checked_targets(target, opts.ignore_index, V)
+    _, ex = checked_extra_ids(extra_ids, V, logits.device)
     tgt_logit = transform_columns(
-        logits.gather(1, safe[:, None]).squeeze(1),
-        beta[safe] if beta is not None else None,
-        temperature,
-        softcap,
+        logits.gather(1, safe[:, None]).squeeze(1), beta[safe] if beta is not None else None, opts
     )
-    extra_logit = transform_columns(
-        logits[:, ex], beta[ex] if beta is not None else None, temperature, softcap
-    )
+    extra_logit = transform_columns(logits[:, ex], beta[ex] if beta is not None else None, opts)
+    out_dtype = accumulation_dtype(logits)
     return finish_outputs(
-        tgt_logit, extra_logit, lse, ent[:N], target, ignore_index, need_entropy, out_dtype
+        tgt_logit, extra_logit, lse, ent[:N], target, extra_ids, V, opts, out_dtype
     )
 
 
-def logprobs_backward(
-    grad_logp,
-    grad_extra,
-    grad_entropy,
-    grad_lse,
-    logits,
-    target,
-    extra_ids,
-    vocab_bias,
-    lse,
-    entropy,
-    temperature,
-    softcap,
-    ignore_index,
-):
+def logprobs_backward(grads, logits, target, extra_ids, vocab_bias, lse, entropy, opts):
     N, V = logits.shape
-    z = (logits if logits.dtype != torch.float64 else logits.float()).contiguous()
-    beta = vocab_bias.float().contiguous() if vocab_bias is not None else None
-    safe, valid = gathered_targets(target, ignore_index)
-    G = row_coefficient(grad_logp, grad_extra, grad_lse, valid)
-    gy = (grad_logp.float() * valid.float()).contiguous()
-    y = torch.where(valid, target, torch.full_like(target, -1)).to(torch.int32).contiguous()
-    ge = grad_extra.float().contiguous()
-    ex = extra_ids.to(torch.int32).contiguous()
-    has_gh = grad_entropy is not None and grad_entropy.numel() == N
-    gH = grad_entropy.float().contiguous() if has_gh else G
-    ent = entropy.float().contiguous() if has_gh else G
-    lse32 = lse.float().contiguous()
+    z, beta = _prepare(logits, vocab_bias)
+    rows = backward_rows(grads, target, extra_ids, V, lse, entropy, opts)
     dz = torch.empty((N, V), device=logits.device, dtype=z.dtype)
     BLOCK_N, BLOCK_V = 16, 256
     if N:
         grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))
         logprobs_backward_kernel[grid](
             z,
-            beta if beta is not None else lse32,
+            beta if beta is not None else rows.lse,
             dz,
-            lse32,
-            ent,
-            G,
-            gH,
-            gy,
-            y,
-            ge,
-            ex,
+            rows.lse,
+            rows.ent,
+            rows.G,
+            rows.gH,
+            rows.gy,
+            rows.y,
+            rows.ge,
+            rows.ex,
             N,
             V,
-            ex.numel(),
+            rows.ex.numel(),
             z.stride(0),
             dz.stride(0),
-            1.0 / temperature,
-            softcap if softcap > 0.0 else 1.0,
-            HAS_SOFTCAP=softcap > 0.0,
-            HAS_BETA=beta is not None,
-            HAS_GH=has_gh,
+            **_transform_flags(opts, beta),
+            HAS_GH=rows.has_gh,
             BLOCK_N=BLOCK_N,
             BLOCK_V=BLOCK_V,
         )

@@ -1,6 +1,6 @@
 """Modified sub-trajectory balance (SubTB), Triton kernels: one launch forward, one backward.
 
-Maths (DESIGN.md §2.2). With the potential of each prefix state of a sequence,
+Maths (docs/MATH.md §2). With the potential of each prefix state of a sequence,
 
     G[j] = sum_{t<j} log_pf[t] + log_pterm[j] - log_r[j],        j = 0..n,
 
@@ -30,6 +30,13 @@ d log_pterm[k] = dG[k], d log_r[k] = -dG[k], d log_pf[t] = sum_{t<k<=n} dG[k] (a
 cumulative sum carried across chunks). The forward sweep of the backward kernel parks G and
 A_1 in an fp32 workspace that the reverse sweep of the same program reads back.
 
+lam > 1 (docs/MATH.md §2): num and den come out scaled by lam^-(n-1). Every pair weight is
+then used at that final scale (exponents j - i - 1 - (n - 1) <= 0, so nothing overflows and
+what underflows is negligible next to the pair (0, n) of weight 1), and the carried moments
+are kept relative to their latest pair start: M_k = sum_{i<=q} lam^-i (G[q] - G[i])^k,
+carried with factor 1 instead of lam^BLOCK; the reverse sweep's R_k likewise as
+sum_j lam^(j-n) (...). For lam <= 1 every scale factor is 1.
+
 All maths is fp32 whatever the input dtypes; positions past n are never loaded (masked loads),
 so non-finite padding cannot leak; padded gradients stay at the zeros they were allocated with.
 """
@@ -46,10 +53,20 @@ from fastgfn._dtypes import accumulation_dtype
 
 
 @triton.jit
-def _lam_pow(e, log2_lam):
-    """lam ** e = 2 ** (e log2 lam) for integer e >= 0 (lam == 0 arrives as log2_lam = -16384,
-    so that 0 ** 0 == 1 and 0 ** e == 0 for e >= 1 without evaluating 0 * inf)."""
-    return tl.exp2(tl.maximum(e, 0).to(tl.float32) * log2_lam)
+def _lam_pow(e, off, log2_lam):
+    """lam ** (e - off) = 2 ** ((e - off) log2 lam) for integers e >= 0 and off (lam == 0
+    arrives as log2_lam = -16384 with off = 0, so that 0 ** 0 == 1 and 0 ** e == 0 for
+    e >= 1 without evaluating 0 * inf)."""
+    return tl.exp2((tl.maximum(e, 0) - off).to(tl.float32) * log2_lam)
+
+
+@triton.jit
+def _chunk_weights(m, c, n, log2_lam, rescale, BLOCK: tl.constexpr):
+    """(lam^m, lam^(BLOCK-1-m)) for chunk c, each times its scale factor when rescaling:
+    lam^(j-n) and lam^-i for the positions j = i = c BLOCK + m of the chunk."""
+    w_cross = _lam_pow(m, rescale * (n - c * BLOCK), log2_lam)
+    w_tail = _lam_pow(BLOCK - 1 - m, rescale * (c * BLOCK + BLOCK - 1), log2_lam)
+    return w_cross, w_tail
 
 
 @triton.jit
@@ -68,7 +85,7 @@ def subtb_forward_kernel(
     pf_ptr, pt_ptr, r_ptr, len_ptr, num_ptr, den_ptr,
     T,
     stride_pf_b, stride_pf_t, stride_pt_b, stride_pt_t, stride_r_b, stride_r_t,
-    log2_lam, lam_pow_block,
+    log2_lam, carry, rescale,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -78,11 +95,9 @@ def subtb_forward_kernel(
     r_row = r_ptr + b.to(tl.int64) * stride_r_b
 
     m = tl.arange(0, BLOCK)
-    # Intra-chunk pair weights, rows i and columns j: lam^(j-i-1) for i < j, else 0.
-    e = m[None, :] - m[:, None] - 1
-    w_pair = tl.where(e >= 0, _lam_pow(e, log2_lam), 0.0)
-    w_cross = _lam_pow(m, log2_lam)  # lam^m for j = q + 1 + m
-    w_tail = _lam_pow(BLOCK - 1 - m, log2_lam)  # lam^(q' - i), q' the chunk's last position
+    e = m[None, :] - m[:, None] - 1  # rows i, columns j: j - i - 1
+    # Intra-chunk pair weights lam^(j-i-1) (i < j, else 0), at the final scale.
+    w_pair = tl.where(e >= 0, _lam_pow(e, rescale * (n - 1), log2_lam), 0.0)
 
     M0 = 0.0
     M1 = 0.0
@@ -95,6 +110,7 @@ def subtb_forward_kernel(
         s = c * BLOCK + m
         G, F = _chunk_potentials(pf_row, pt_row, r_row, stride_pf_t, stride_pt_t, stride_r_t,
                                  s, n, F)
+        w_cross, w_tail = _chunk_weights(m, c, n, log2_lam, rescale, BLOCK)
         D = G - G_q
         diff = D[None, :] - D[:, None]  # G[j] - G[i]
         intra2 = tl.sum(w_pair * diff * diff, 0)
@@ -106,9 +122,9 @@ def subtb_forward_kernel(
         G_last = tl.sum(tl.where(m == BLOCK - 1, G, 0.0), 0)
         E = G_last - G_q
         back = G_last - G
-        M2 = lam_pow_block * (M2 + 2.0 * E * M1 + E * E * M0) + tl.sum(w_tail * back * back, 0)
-        M1 = lam_pow_block * (M1 + E * M0) + tl.sum(w_tail * back, 0)
-        M0 = lam_pow_block * M0 + tl.sum(w_tail, 0)
+        M2 = carry * (M2 + 2.0 * E * M1 + E * E * M0) + tl.sum(w_tail * back * back, 0)
+        M1 = carry * (M1 + E * M0) + tl.sum(w_tail * back, 0)
+        M0 = carry * M0 + tl.sum(w_tail, 0)
         G_q = G_last
     tl.store(num_ptr + b, num.to(num_ptr.dtype.element_ty))
     tl.store(den_ptr + b, den.to(den_ptr.dtype.element_ty))
@@ -119,7 +135,7 @@ def subtb_backward_kernel(
     grad_ptr, pf_ptr, pt_ptr, r_ptr, len_ptr, dpf_ptr, dpt_ptr, dr_ptr, ws_ptr,
     T,
     stride_pf_b, stride_pf_t, stride_pt_b, stride_pt_t, stride_r_b, stride_r_t,
-    log2_lam, lam_pow_block,
+    log2_lam, carry, rescale,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -134,9 +150,8 @@ def subtb_backward_kernel(
 
     m = tl.arange(0, BLOCK)
     e = m[None, :] - m[:, None] - 1
-    w_pair = tl.where(e >= 0, _lam_pow(e, log2_lam), 0.0)  # [i, j]: lam^(j-i-1), i < j
-    w_cross = _lam_pow(m, log2_lam)
-    w_tail = _lam_pow(BLOCK - 1 - m, log2_lam)
+    # [i, j]: lam^(j-i-1) for i < j, at the final scale
+    w_pair = tl.where(e >= 0, _lam_pow(e, rescale * (n - 1), log2_lam), 0.0)
 
     # Forward sweep: A_1(j) for every state j <= n.
     M0 = 0.0
@@ -147,14 +162,15 @@ def subtb_backward_kernel(
         s = c * BLOCK + m
         G, F = _chunk_potentials(pf_row, pt_row, r_row, stride_pf_t, stride_pt_t, stride_r_t,
                                  s, n, F)
+        w_cross, w_tail = _chunk_weights(m, c, n, log2_lam, rescale, BLOCK)
         D = G - G_q
         A1 = w_cross * (M0 * D + M1) + tl.sum(w_pair * (D[None, :] - D[:, None]), 0)
         tl.store(ws_G + s, G, mask=s <= n)
         tl.store(ws_A1 + s, A1, mask=s <= n)
         G_last = tl.sum(tl.where(m == BLOCK - 1, G, 0.0), 0)
         E = G_last - G_q
-        M1 = lam_pow_block * (M1 + E * M0) + tl.sum(w_tail * (G_last - G), 0)
-        M0 = lam_pow_block * M0 + tl.sum(w_tail, 0)
+        M1 = carry * (M1 + E * M0) + tl.sum(w_tail * (G_last - G), 0)
+        M0 = carry * M0 + tl.sum(w_tail, 0)
         G_q = G_last
     tl.debug_barrier()
 
@@ -172,10 +188,11 @@ def subtb_backward_kernel(
         valid = s <= n
         G = tl.load(ws_G + s, mask=valid, other=0.0)
         A1 = tl.load(ws_A1 + s, mask=valid, other=0.0)
+        w_head, w_tail = _chunk_weights(m, c, n, log2_lam, rescale, BLOCK)
         # Pairs k -> j inside the chunk (rows k, columns j), j <= n.
         w_in = tl.where(valid[None, :], w_pair, 0.0)
         R1_k = tl.sum(w_in * (G[None, :] - G[:, None]), 1)
-        R1_k += w_tail * (R1 + (G_p - G) * R0)  # lam^(BLOCK-1-m) = lam^(p-1-k)
+        R1_k += w_tail * (R1 + (G_p - G) * R0)  # lam^(BLOCK-1-m) = lam^(p-1-k) (times lam^-(p-1))
         dG = tl.where(valid, two_g * (A1 - R1_k), 0.0)
         tl.store(dpt_ptr + b64 * (T + 1) + s, dG.to(dpt_ptr.dtype.element_ty), mask=valid)
         tl.store(dr_ptr + b64 * (T + 1) + s, (-dG).to(dr_ptr.dtype.element_ty), mask=valid)
@@ -183,9 +200,9 @@ def subtb_backward_kernel(
         tl.store(dpf_ptr + b64 * T + s, d_pf.to(dpf_ptr.dtype.element_ty), mask=s < n)
         suffix += tl.sum(dG, 0)
         G_first = tl.sum(tl.where(m == 0, G, 0.0), 0)
-        w_head = tl.where(valid, w_cross, 0.0)  # lam^(j - p'') for j in this chunk
-        R1 = lam_pow_block * (R1 + (G_p - G_first) * R0) + tl.sum(w_head * (G - G_first), 0)
-        R0 = lam_pow_block * R0 + tl.sum(w_head, 0)
+        w_head = tl.where(valid, w_head, 0.0)  # lam^(j - p'') for j in this chunk (lam^(j - n))
+        R1 = carry * (R1 + (G_p - G_first) * R0) + tl.sum(w_head * (G - G_first), 0)
+        R0 = carry * R0 + tl.sum(w_head, 0)
         G_p = G_first
 
 
@@ -193,9 +210,12 @@ def _block_size(T: int) -> int:
     return max(16, min(64, triton.next_power_of_2(T + 1)))
 
 
-def _lam_constants(lam: float, block: int) -> tuple[float, float]:
+def _lam_constants(lam: float, block: int) -> tuple[float, float, int]:
+    """(log2 lam, the factor on carried moments per chunk, rescale): lam > 1 runs at the final
+    scale lam^-(n-1) with carried moments relative to their latest pair start (factor 1)."""
     log2_lam = math.log2(lam) if lam > 0 else -16384.0
-    return log2_lam, float(lam) ** block
+    rescale = int(lam > 1.0)
+    return log2_lam, 1.0 if rescale else float(lam) ** block, rescale
 
 
 def subtb_forward(log_pf, log_pterm, log_r, lengths, lam: float):
@@ -207,13 +227,13 @@ def subtb_forward(log_pf, log_pterm, log_r, lengths, lam: float):
     if B == 0:
         return num, den
     block = _block_size(T)
-    log2_lam, lam_pow_block = _lam_constants(lam, block)
+    lam_args = _lam_constants(lam, block)
     subtb_forward_kernel[(B,)](
         log_pf, log_pterm, log_r, lengths, num, den,
         T,
         log_pf.stride(0), log_pf.stride(1), log_pterm.stride(0), log_pterm.stride(1),
         log_r.stride(0), log_r.stride(1),
-        log2_lam, lam_pow_block,
+        *lam_args,
         BLOCK=block, num_warps=4,
     )
     return num, den
@@ -229,13 +249,13 @@ def subtb_backward(grad_num, log_pf, log_pterm, log_r, lengths, lam: float):
         return d_pf, d_pt, d_r
     workspace = torch.empty((B, 2, T + 1), dtype=torch.float32, device=log_pf.device)
     block = _block_size(T)
-    log2_lam, lam_pow_block = _lam_constants(lam, block)
+    lam_args = _lam_constants(lam, block)
     subtb_backward_kernel[(B,)](
         grad_num.contiguous(), log_pf, log_pterm, log_r, lengths, d_pf, d_pt, d_r, workspace,
         T,
         log_pf.stride(0), log_pf.stride(1), log_pterm.stride(0), log_pterm.stride(1),
         log_r.stride(0), log_r.stride(1),
-        log2_lam, lam_pow_block,
+        *lam_args,
         BLOCK=block, num_warps=4,
     )
     return d_pf, d_pt, d_r
@@ -258,7 +278,7 @@ def aot_configs():
                     elif name.endswith("_ptr"):  # num/den/grad follow fp64, workspace is fp32
                         wide = dtype == "fp64" and name != "ws_ptr"
                         signature[name] = "*fp64" if wide else "*fp32"
-                    elif name in ("log2_lam", "lam_pow_block"):
+                    elif name in ("log2_lam", "carry"):
                         signature[name] = "fp32"
                     elif name == "BLOCK":
                         signature[name] = "constexpr"

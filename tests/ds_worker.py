@@ -12,6 +12,10 @@ MODE
   restart the configured run stopped after ``stop_after_steps`` steps with a checkpoint,
           then a new trainer in the same processes resumes it to the end (one launch
           instead of two), once per config of ``--deepspeed_config A.json,B.json``.
+  hostile once per config of ``--deepspeed_config A.json,B.json``: a run whose rewards are
+          NaN at step 2 (skipped?), then its newest checkpoint's model states replaced by a
+          pickle that writes a marker file when unpickled (manifest rewritten to match), and
+          a resume (the marker must never appear).
 """
 
 import json
@@ -164,15 +168,68 @@ def restart(cfg, out: Path, ds_configs: list[str]) -> None:
         again.run()
 
 
+class _Evil:
+    """Unpickling this writes ``path``: what a crafted checkpoint file could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
+
+
+def hostile(cfg, out: Path, ds_configs: list[str]) -> None:
+    import dataclasses
+    import math
+
+    from fastgfn.trainer.checkpoint import latest_checkpoint
+    from fastgfn.trainer.checkpoint_files import write_marker
+
+    for ds in ds_configs:
+        stem = Path(ds).stem
+        run = dataclasses.replace(cfg, deepspeed_config=ds,
+                                  output_dir=str(Path(cfg.output_dir) / stem))
+        tr = Trainer(run)
+        real = tr.task.log_rewards
+
+        def log_rewards(p, rows, T, real=real, tr=tr):
+            r = real(p, rows, T)
+            if tr.step + 1 == 2:
+                r[:, 0] = float("nan")
+            return r
+
+        tr.task.log_rewards = log_rewards
+        tr.run()
+        with tr.engine.full_parameters() as m:
+            finite = all(bool(torch.isfinite(v).all()) for v in m.parameters())
+        lines = [json.loads(x) for x in (Path(run.output_dir) / "metrics.jsonl").read_text()
+                 .splitlines()]
+        entries = tr.buffer.state_dict()["entries"].values()
+        newest = latest_checkpoint(Path(run.output_dir) / "checkpoints")
+        marker = out / f"pwned_{stem}"
+        for f in newest.glob("*model_states.pt"):
+            torch.save({"module": _Evil(marker)}, f)
+        write_marker(newest, tr.step)
+        again = Trainer(dataclasses.replace(run, resume=True))
+        resumed = again.maybe_resume()
+        _write(out, f"hostile_{stem}_rank{tr.rank}.json", {
+            "skipped": [x["skipped"] for x in lines if "loss" in x],
+            "finite": finite, "log_z": tr.objective.log_z.value(),
+            "buffer_finite": all(math.isfinite(lr) for v in entries for lr, _ in v),
+            "newest": newest.name, "resumed": resumed, "resumed_step": again.step,
+            "marker": marker.exists(),
+        })
+
+
 def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's
     mode, out = argv[0], Path(argv[1])
     args = parse_args(argv[2:])
     out.mkdir(parents=True, exist_ok=True)
-    if mode == "restart":  # --deepspeed_config A.json[,B.json,...]: one run per config
+    if mode in ("restart", "hostile"):  # --deepspeed_config A.json[,B.json,...]
         ds_configs = args.deepspeed_config.split(",")
         args.deepspeed_config = ds_configs[0]
-        restart(build_config(args), out, ds_configs)
+        {"restart": restart, "hostile": hostile}[mode](build_config(args), out, ds_configs)
     else:
         tr = Trainer(build_config(args))
         {"reward": reward, "resume": resume}[mode](tr, out)

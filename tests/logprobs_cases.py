@@ -1,8 +1,8 @@
 """Shared cases and checks for the per-token log-prob tests (every backend vs float64).
 
 The oracle is ``fastgfn.reference.logprobs`` run in float64 with autograd. The tolerance rule
-(DESIGN §4): our error against float64 must be at most twice PyTorch's own error at the input
-dtype (the same eager maths run in that dtype), plus a small atol.
+(docs/MATH.md §1, Precision): our error against float64 must be at most twice PyTorch's own
+error at the input dtype (the same eager maths run in that dtype), plus a small atol.
 """
 
 from __future__ import annotations
@@ -188,3 +188,68 @@ def _dev_opts(opts, device):
     if out.get("vocab_bias") is not None:
         out["vocab_bias"] = out["vocab_bias"].float().to(device)
     return out
+
+
+def zero_row_linear_grads(backend, device="cpu", dtype=torch.float32):
+    """(d hidden, d weight, d bias) of the fused-linear op on N = 0 rows, after recycling
+    NaN-filled memory of the gradients' size (so that an unwritten gradient shows)."""
+    g = torch.Generator().manual_seed(61)
+    H, V = 24, 300
+    w = torch.randn(V, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(V, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    h = torch.zeros(0, H, device=device, dtype=dtype, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=device)
+    for _ in range(3):  # recycle freed memory of the gradients' size, full of NaN
+        junk = torch.full((V, H), torch.nan, device=device, dtype=dtype)
+        junk_b = torch.full((V,), torch.nan, device=device, dtype=dtype)
+        del junk, junk_b
+    out = linear_token_logprobs(h, w, target, b, [3], return_entropy=True, return_lse=True,
+                                backend=backend)
+    assert out.logp.shape == (0,) and out.extra.shape == (0, 1)
+    (out.logp.sum() + out.extra.sum() + out.entropy.sum() + out.lse.sum()).backward()
+    return h.grad, w.grad, b.grad
+
+
+
+def check_out_of_range_ids(backend, device="cpu", linear=False):
+    """Out-of-range ids with the value checks bypassed (the registered op called directly):
+    NaN for the outputs that name them, no gradient from them, every other output and
+    gradient as in the clean call without them (docs/MATH.md §1)."""
+    from fastgfn.ops.logprobs_ops import linear_token_logprobs_op, token_logprobs_op
+
+    g = torch.Generator().manual_seed(71)
+    N, V, H = 6, 40, 8
+    target = torch.tensor([3, V + 2, -100, -7, 0, V - 1])
+    extra = torch.tensor([1, V + 5, -3, V - 1])
+    bad_rows, ok_cols = torch.tensor([1, 3]), torch.tensor([0, 3])
+    clean_target = target.clone()
+    clean_target[bad_rows] = -100
+    if linear:
+        inputs = [torch.randn(N, H, generator=g), torch.randn(V, H, generator=g), None]
+        op = linear_token_logprobs_op
+    else:
+        inputs = [torch.randn(N, V, generator=g) * 3]
+        op = token_logprobs_op
+    grads = [torch.randn(N, generator=g), torch.randn(N, 4, generator=g),
+             torch.randn(N, generator=g), torch.randn(N, generator=g)]
+
+    def run(t, e, gr):
+        leaves = [x.to(device).requires_grad_() if x is not None else None for x in inputs]
+        out = op(*leaves, t.to(device), e.to(device), None, 0.9, 0.0, -100, True, backend)
+        torch.autograd.backward(list(out), [x.to(device) for x in gr])
+        return [o.detach().cpu() for o in out], [x.grad.cpu() for x in leaves if x is not None]
+
+    out, dx = run(target, extra, grads)
+    clean_grads = [grads[0], grads[1][:, ok_cols], grads[2], grads[3]]
+    clean, clean_dx = run(clean_target, extra[ok_cols], clean_grads)
+    logp, ext, ent, lse = out
+    assert torch.isnan(logp[bad_rows]).all() and logp[2] == 0
+    good_rows = torch.tensor([0, 2, 4, 5])
+    torch.testing.assert_close(logp[good_rows], clean[0][good_rows])
+    assert torch.isnan(ext[:, [1, 2]]).all()
+    torch.testing.assert_close(ext[:, ok_cols], clean[1])
+    torch.testing.assert_close(ent, clean[2])
+    torch.testing.assert_close(lse, clean[3])
+    for a, b in zip(dx, clean_dx):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

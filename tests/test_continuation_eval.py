@@ -79,7 +79,7 @@ def test_trainer_samples_only_training_prompts(tmp_path):
 
     path, lines = _prompts_file(tmp_path, 20)
     cfg = _cfg(path, "heldout_fraction=0.5", "batch_size=2", "max_new_tokens=2", "steps=8",
-               "replay_prob=0.5", "progress=false", "tensorboard=false", "eval_samples=0",
+               "replay_prob=0.5", "progress=false", "eval_samples=0",
                "save_model=false", "sample_dtype=model", f"output_dir={tmp_path / 'o'}")
     train, held = split_prompts(lines, 0.5, 0)
     tr = Trainer(cfg)
@@ -295,7 +295,7 @@ def test_command_end_to_end_on_a_tiny_model(tmp_path):
                     "min_new_tokens: 1\nheldout_fraction: 0.1\n")
     run_dir = tmp_path / "run"
     Trainer(load_config(conf, ["steps=2", "batch_size=2", "save_every=2", "eval_samples=0",
-                               "progress=false", "tensorboard=false", "sample_dtype=model",
+                               "progress=false", "sample_dtype=model",
                                f"output_dir={run_dir}"])).run()
     ckpt = load_policy(str(run_dir / "checkpoints"), load_config(conf))
     saved = load_policy(str(run_dir), load_config(conf))  # the run's model/ directory

@@ -359,7 +359,8 @@ def test_new_rank_gets_its_own_sampling_stream(tmp_path):
     Trainer(load_config(None, cfg)).run()
 
     def resumed(same: bool):
-        over = ["resume=true", f"same_data_all_ranks={same}"]
+        # saved with same_data_all_ranks=true: a change on resume needs the override
+        over = ["resume=true", f"same_data_all_ranks={same}", "allow_config_change=true"]
         tr = Trainer(load_config(None, cfg + over))
         tr.rank, tr.world = 1, 2
         assert tr.maybe_resume() and tr.step == 2
@@ -387,3 +388,26 @@ def test_gradient_accumulation_matches_the_torch_engine(tmp_path):
     Trainer(load_config(None, ARGS + extra + [f"output_dir={tmp_path / 'torch'}"])).run()
     _launch(_ds(2), tmp_path / "ds", extra, procs=0)
     _close(_losses(tmp_path / "ds"), _losses(tmp_path / "torch"))
+
+
+def test_nan_steps_skipped_and_checkpoints_never_unpickled(tmp_path):
+    """One process, DeepSpeed engine, no ZeRO (stage 0), ZeRO-2 and ZeRO-3: a step with NaN
+    rewards is skipped (finite weights and log Z, clean replay buffer); a crafted model-states
+    file whose unpickling would write a marker (the manifest rewritten to match) is refused
+    with one line naming it, resume falls back to the checkpoint before, and the marker never
+    appears (DeepSpeed's files load with weights_only=True)."""
+    zero0 = tmp_path / "ds_zero0.json"
+    zero0.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    look = tmp_path / "look"
+    configs = ",".join([str(zero0), _ds(2), _ds(3)])
+    res = _launch(configs, tmp_path / "run", ["steps=3", "save_every=1", "save_model=false"],
+                  procs=0, worker=("hostile", look))
+    for stem in ("ds_zero0", "ds_zero2", "ds_zero3"):
+        seen = json.loads((look / f"hostile_{stem}_rank0.json").read_text())
+        assert seen["skipped"] == [0, 1, 0], (stem, seen)
+        assert seen["finite"] and math.isfinite(seen["log_z"]) and seen["buffer_finite"], seen
+        assert seen["newest"] == "step_00000003" and seen["resumed"], seen
+        assert seen["resumed_step"] == 2 and not seen["marker"], seen
+        assert not (look / f"pwned_{stem}").exists()
+    out = res.stdout + res.stderr
+    assert "refused: it holds pickled objects" in out and "model_states.pt" in out

@@ -11,9 +11,11 @@ from fastgfn.ops.logprobs import (
     LinearTokenLogProbs,
     TokenLogProbsLayer,
     linear_token_logprobs,
+    token_logprobs,
+)
+from fastgfn.ops.logprobs_ops import (
     linear_token_logprobs_backward_op,
     linear_token_logprobs_op,
-    token_logprobs,
     token_logprobs_backward_op,
     token_logprobs_op,
 )
@@ -24,7 +26,13 @@ from fastgfn.reference.logprobs import (
     token_logprobs_reference,
 )
 
-from .logprobs_cases import check_against_reference, make_linear_case, make_logits_case
+from .logprobs_cases import (
+    check_against_reference,
+    check_out_of_range_ids,
+    make_linear_case,
+    make_logits_case,
+    zero_row_linear_grads,
+)
 
 CPU_BACKENDS = ["reference", "cpp"]
 
@@ -498,3 +506,34 @@ def test_gradcheck_float64(backend):
         return out.logp, out.extra, out.entropy, out.lse
 
     torch.autograd.gradcheck(g, tuple(t.clone().requires_grad_() for t in (h, w, b)))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_zero_rows_give_zero_weight_gradients(backend):
+    """N = 0 tokens: the weight and bias gradients are exactly zero (issue 11: the C++
+    backend returned uninitialised memory)."""
+    for _ in range(5):
+        dh, dw, db = zero_row_linear_grads(backend)
+        assert dh.shape == (0, 24)
+        assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("linear", [False, True])
+def test_out_of_range_ids_without_value_checks(backend, linear):
+    """Issue 11: with the value checks bypassed, every backend gives NaN for an output whose
+    id is out of range (the C++ backend used to give -lse) and no gradient from it."""
+    check_out_of_range_ids(backend, linear=linear)
+
+
+def test_out_of_range_target_under_compile_is_nan():
+    """torch.compile skips the value checks: the op's own contract applies."""
+    torch._dynamo.reset()
+    logits = torch.randn(3, 11)
+    target = torch.tensor([2, 11, -100])
+    f = torch.compile(lambda x, t: token_logprobs(x, t, [4], backend="cpp"), fullgraph=True,
+                      backend="aot_eager")
+    out = f(logits, target)
+    assert torch.isnan(out.logp[1]) and out.logp[2] == 0 and torch.isfinite(out.logp[0])
+    with pytest.raises(ValueError, match="target"):
+        token_logprobs(logits, target, [4], backend="cpp")

@@ -12,15 +12,23 @@ import torch
 
 from fastgfn.ops.logprobs import (
     linear_token_logprobs,
+    token_logprobs,
+)
+from fastgfn.ops.logprobs_ops import (
     linear_token_logprobs_backward_op,
     linear_token_logprobs_op,
-    token_logprobs,
     token_logprobs_backward_op,
     token_logprobs_op,
 )
 
 from .conftest import requires_triton, triton_device
-from .logprobs_cases import check_against_reference, make_linear_case, make_logits_case
+from .logprobs_cases import (
+    check_against_reference,
+    check_out_of_range_ids,
+    make_linear_case,
+    make_logits_case,
+    zero_row_linear_grads,
+)
 
 pytestmark = requires_triton
 
@@ -209,3 +217,14 @@ def test_triton_from_logits_matches_torch_on_3d_input():
     torch.testing.assert_close(out.logp, lsm.gather(-1, target[..., None])[..., 0])
     torch.testing.assert_close(out.extra, lsm[..., [0, 7]])
     torch.testing.assert_close(out.entropy, -(lsm.exp() * lsm).sum(-1))
+
+
+def test_triton_linear_zero_rows_give_zero_weight_gradients():
+    dh, dw, db = zero_row_linear_grads("triton", device=triton_device())
+    assert dh.shape == (0, 24)
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_triton_out_of_range_ids_without_value_checks(linear):
+    check_out_of_range_ids("triton", device=triton_device(), linear=linear)

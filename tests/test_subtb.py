@@ -9,7 +9,7 @@ import torch
 
 import fastgfn
 from fastgfn.ops.subtb import subtb_pair_sums
-from fastgfn.reference.subtb import subtb_pair_sums_reference
+from fastgfn.reference.subtb import pair_sums_log_scale, subtb_pair_sums_reference
 
 from .conftest import requires_triton, triton_device
 
@@ -39,7 +39,7 @@ def random_batch(B, T, *, seed, lengths=None, dtype=torch.float32, device="cpu",
 
 
 def brute_force_pair_sums(log_pf, log_pterm, log_r, lengths, lam):
-    """Every (i, j) pair of every sequence, with the residual exactly as DESIGN.md writes it."""
+    """Every (i, j) pair of every sequence, the residual written as in docs/MATH.md §2."""
     num, den = [], []
     for b in range(log_pf.shape[0]):
         n = int(lengths[b])
@@ -436,3 +436,82 @@ def test_lengths_as_list_and_int32():
     a = fastgfn.subtb_loss(pf, pt, r, [4, 0, 2])
     b = fastgfn.subtb_loss(pf, pt, r, torch.tensor([4, 0, 2], dtype=torch.int32))
     assert_close(a, b)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_vargrad_non_finite_row_leaves_the_rest_of_its_group_alone(grouped):
+    """A non-finite log ratio makes its own row's loss non-finite; the other rows of its group
+    get the values and gradients of the batch without that row (issue 11)."""
+    pf, pt, r, lengths = random_batch(6, 5, seed=24, lengths=[5, 3, 4, 2, 5, 1],
+                                      dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1]) if grouped else None
+    r = r.clone()
+    r[1, 3] = torch.inf  # x_1 = -inf
+    pf = pf.clone()
+    pf[4, 0] = torch.nan  # x_4 = nan
+    keep = torch.tensor([0, 2, 3, 5])
+    leaves = [x.clone().requires_grad_() for x in (pf, pt, r)]
+    got = fastgfn.vargrad_loss(*leaves, lengths, groups, reduction="none")
+    assert not torch.isfinite(got[1]) and torch.isnan(got[4])
+    got[keep].sum().backward()
+    clean = [x[keep].clone().requires_grad_() for x in (pf, pt, r)]
+    want = fastgfn.vargrad_loss(*clean, lengths[keep], None if groups is None else groups[keep],
+                                reduction="none")
+    want.sum().backward()
+    assert_close(got[keep], want, rtol=1e-12, atol=1e-12)
+    for leaf, ref in zip(leaves, clean):  # (rows 1 and 4 get their own NaN gradients)
+        assert torch.isfinite(leaf.grad[keep]).all()
+        assert_close(leaf.grad[keep], ref.grad, rtol=1e-12, atol=1e-12)
+    log_z = fastgfn.vargrad_log_z(pf, pt, r, lengths, groups)
+    want_z = fastgfn.vargrad_log_z(pf[keep], pt[keep], r[keep], lengths[keep],
+                                   None if groups is None else groups[keep])
+    assert torch.isfinite(log_z).all()
+    assert_close(log_z[keep], want_z, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# lam > 1: weights grow with the pair's length (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [1.3, 3.0])
+def test_lam_above_one_matches_brute_force(backend, lam):
+    """The op's sums are scaled by lam^-(n-1) for lam > 1; every reduction undoes it."""
+    device = device_for(backend)
+    inputs = random_batch(5, 9, seed=31, lengths=[9, 0, 4, 1, 7], device=device)
+    num, den = brute_force_pair_sums(*[t.cpu() for t in inputs], lam)
+    scale = pair_sums_log_scale(inputs[3].cpu(), lam, torch.float64).exp()
+    rnum, rden = subtb_pair_sums_reference(*[t.cpu() for t in inputs], lam)
+    assert_close(rnum * scale, num, rtol=1e-12, atol=1e-12, what="reference num")
+    assert_close(rden * scale, den, rtol=1e-12, atol=1e-12, what="reference den")
+    per_seq = torch.where(den > 0, num / den.clamp(min=1e-300), 0.0)
+    want = {"mean": num.sum() / den.sum(), "sum": num.sum(), "none": per_seq,
+            "seq_mean": per_seq.sum() / 4}
+    for reduction, value in want.items():
+        got = fastgfn.subtb_loss(*inputs, lam, reduction, backend=backend)
+        assert_close(got, value, rtol=2e-5, atol=1e-5, what=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [1.01, 1.5, 8.0])
+def test_lam_above_one_long_sequences_do_not_overflow(backend, lam):
+    """lam^(T-1) overflows fp32 (and for lam = 8 fp64) at T = 600; losses stay finite and all
+    backends agree with the float64 reference, values and gradients."""
+    T = 600
+    check_backend_against_reference(backend, 3, T, lam, seed=41)
+    device = device_for(backend)
+    inputs = random_batch(3, T, seed=43, lengths=[T, 517, 3], device=device)
+    for reduction in ("mean", "seq_mean", "none"):
+        leaves = [t.clone().requires_grad_() for t in inputs[:3]]
+        got = fastgfn.subtb_loss(*leaves, inputs[3], lam, reduction, backend=backend)
+        got.sum().backward()
+        ref_leaves = [t.detach().double().cpu().requires_grad_() for t in inputs[:3]]
+        want = fastgfn.subtb_loss(*ref_leaves, inputs[3].cpu(), lam, reduction,
+                                  backend="reference")
+        want.sum().backward()
+        assert torch.isfinite(got).all(), reduction
+        assert_close(got, want, rtol=2e-5, atol=1e-5, what=reduction)
+        for leaf, ref in zip(leaves, ref_leaves):
+            assert torch.isfinite(leaf.grad).all(), reduction
+            assert_close(leaf.grad, ref.grad, rtol=2e-4, atol=2e-6, what=f"{reduction} grad")

@@ -1,4 +1,4 @@
-"""GFlowNet losses for sequences where every state can terminate (DESIGN.md §2.2)."""
+"""GFlowNet losses for sequences where every state can terminate (docs/MATH.md §2)."""
 
 from fastgfn.losses.functional import (
     REDUCTIONS,

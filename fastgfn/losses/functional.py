@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from fastgfn._backend import resolve_backend
 from fastgfn._validation import (
     as_index_tensor,
     check_float,
@@ -28,7 +27,9 @@ from fastgfn._validation import (
     check_tensor,
     value_checks_allowed,
 )
+from fastgfn.backends import resolve_backend
 from fastgfn.ops.subtb import subtb_pair_sums
+from fastgfn.reference.subtb import pair_sums_log_scale
 
 REDUCTIONS = ("mean", "seq_mean", "sum", "none")
 
@@ -59,9 +60,19 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _reduce_pair_sums(num: torch.Tensor, den: torch.Tensor, reduction: str) -> torch.Tensor:
-    # den >= 1 for every sequence with at least one pair (the pair (i, i+1) has weight 1), and
-    # den == 0 exactly for empty sequences, so clamp(min=1) is exact and maps 0/0 to 0.
+def _reduce_pair_sums(num, den, reduction: str, lengths, lam: float) -> torch.Tensor:
+    """Reduce the op's per-sequence sums. For lam > 1 they come scaled by lam^-(n_b - 1)
+    (docs/MATH.md §2); "mean" and "sum" put that factor back in log space."""
+    if lam > 1.0 and reduction in ("mean", "sum"):
+        log_scale = pair_sums_log_scale(lengths, lam, num.dtype)
+        if reduction == "sum":  # may exceed the float range: then inf, as the sum itself
+            return (num * log_scale.exp()).sum()
+        top = log_scale.max() if log_scale.numel() else log_scale.sum()
+        weight = (log_scale - top).exp()  # the longest sequences weigh 1
+        num, den = num * weight, den * weight
+    # den >= 1 for every sequence with at least one pair (the pair (i, i+1) has weight 1, for
+    # lam > 1 the pair (0, n)), and den == 0 exactly for empty sequences, so clamp(min=1) is
+    # exact and maps 0/0 to 0; in "mean" the longest sequence has weight 1.
     if reduction == "mean":  # the paper: one weighted mean over all pairs of the batch
         return num.sum() / den.sum().clamp(min=1.0)
     per_sequence = num / den.clamp(min=1.0)
@@ -89,12 +100,14 @@ def subtb_loss(
 
         res(i, j) = log_r[i] + sum_{k=i}^{j-1} log_pf[k] + log_pterm[j] - log_r[j] - log_pterm[i]
 
-    weighted by ``lam ** (j - i - 1)``. Reductions:
+    weighted by ``lam ** (j - i - 1)`` (lam > 1 weighs long sub-trajectories more; the
+    kernels then work relative to the heaviest pair, so long sequences do not overflow).
+    Reductions:
 
     - ``"mean"`` (default, the paper's): ``sum_b sum_ij w res^2 / sum_b sum_ij w``;
     - ``"seq_mean"``: each sequence normalised by its own weight sum, averaged over the
       sequences that have at least one pair;
-    - ``"sum"``: ``sum_b sum_ij w res^2``;
+    - ``"sum"``: ``sum_b sum_ij w res^2`` (with lam > 1 it can exceed the float range: inf);
     - ``"none"``: the per-sequence normalised values, shape [B] (0 for empty sequences).
 
     ``backend``: 'auto' (Triton on CUDA, C++ on CPU), 'reference', 'cpp' or 'triton'.
@@ -104,7 +117,7 @@ def subtb_loss(
     _check_reduction(reduction)
     backend = resolve_backend(backend, log_pf.device)
     num, den = subtb_pair_sums(log_pf, log_pterm, log_r, lengths, lam, backend)
-    return _reduce_pair_sums(num, den, reduction)
+    return _reduce_pair_sums(num, den, reduction, lengths, lam)
 
 
 def db_loss(
@@ -126,7 +139,7 @@ def db_loss(
     _check_reduction(reduction)
     backend = resolve_backend(backend, log_pf.device)
     num, den = subtb_pair_sums(log_pf, log_pterm, log_r, lengths, 0.0, backend)
-    return _reduce_pair_sums(num, den, reduction)
+    return _reduce_pair_sums(num, den, reduction, lengths, 0.0)
 
 
 def trajectory_log_ratio(
@@ -204,12 +217,22 @@ def _same_group(group_ids, B: int, device) -> torch.Tensor | None:
     return group_ids[:, None] == group_ids[None, :]
 
 
-def _group_mean(values: torch.Tensor, same: torch.Tensor | None) -> torch.Tensor:
-    """For each sequence, the mean of ``values`` over its group."""
+def _group_mean(values: torch.Tensor, same: torch.Tensor | None):
+    """For each sequence, the mean of the *finite* ``values`` of its group, and their count.
+
+    Non-finite values are left out of every mean (docs/MATH.md §2, VarGrad); a group without
+    a finite value gets mean 0 and count 0. Every step keeps NaN out of the backward too
+    (``where`` instead of products with a 0/1 mask, a count of at least 1).
+    """
+    finite = torch.isfinite(values)
+    clean = torch.where(finite, values, torch.zeros((), dtype=values.dtype))
+    weight = finite.to(values.dtype)
     if same is None:
-        return values.mean().expand_as(values) if values.numel() else values
-    same = same.to(values.dtype)
-    return (same @ values) / same.sum(dim=1)
+        total, count = clean.sum().expand_as(values), weight.sum().expand_as(values)
+    else:
+        same = same.to(values.dtype)
+        total, count = same @ clean, same @ weight
+    return total / count.clamp(min=1.0), count
 
 
 def vargrad_log_z(
@@ -219,10 +242,15 @@ def vargrad_log_z(
     lengths: torch.Tensor,
     group_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The batch estimate of log Z for each sequence's group: ``mean_group(log_r - log q)``."""
+    """The batch estimate of log Z for each sequence's group: ``mean_group(log_r - log q)``.
+
+    The mean runs over the group's sequences with a finite log ratio; a group with none gets
+    NaN.
+    """
     lengths = _check_trajectories(log_pf, log_pterm, log_r, lengths)
     ratio = _trajectory_log_ratio(log_pf, log_pterm, log_r, lengths)
-    return -_group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
+    mean, count = _group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
+    return torch.where(count > 0, -mean, torch.full((), torch.nan, dtype=mean.dtype))
 
 
 def vargrad_loss(
@@ -239,9 +267,16 @@ def vargrad_loss(
     per-sequence loss is ``(x_b - xbar_group(b)) ** 2`` (the batch variance of the log ratio;
     a group of one sequence contributes 0). ``group_ids`` [B] (any integers) marks sequences
     that share a prompt; None puts the whole batch in one group.
+
+    Non-finite log ratios: ``xbar`` is the mean over the group's *finite* ``x`` only. A
+    sequence with a non-finite ``x`` has a non-finite loss (so do the ``"mean"`` and ``"sum"``
+    reductions); every other sequence of its group gets the value and the gradient it would
+    have in the batch without that sequence (docs/MATH.md §2).
     """
     lengths = _check_trajectories(log_pf, log_pterm, log_r, lengths)
     _check_reduction(reduction)
     ratio = _trajectory_log_ratio(log_pf, log_pterm, log_r, lengths)
-    deviation = ratio - _group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
+    mean, _ = _group_mean(ratio, _same_group(group_ids, ratio.shape[0], ratio.device))
+    # A non-finite row sees the group mean as a constant: its NaN gradient stays its own.
+    deviation = torch.where(torch.isfinite(ratio), ratio - mean, ratio - mean.detach())
     return _reduce_per_sequence(deviation.square(), reduction)

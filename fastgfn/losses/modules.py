@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastgfn._backend import BACKENDS
 from fastgfn._validation import check_positive_number
+from fastgfn.backends import check_backend_name
 from fastgfn.losses import functional as F
 
 
@@ -16,12 +16,6 @@ def _checked_reduction(reduction: str) -> str:
     return reduction
 
 
-def _checked_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
 class SubTBLoss(nn.Module):
     """Modified sub-trajectory balance; see :func:`fastgfn.subtb_loss`."""
 
@@ -29,7 +23,7 @@ class SubTBLoss(nn.Module):
         super().__init__()
         self.lam = check_positive_number("lam", lam)
         self.reduction = _checked_reduction(reduction)
-        self.backend = _checked_backend(backend)
+        self.backend = check_backend_name(backend)
 
     def forward(self, log_pf, log_pterm, log_r, lengths):
         return F.subtb_loss(log_pf, log_pterm, log_r, lengths, self.lam, self.reduction,
@@ -45,7 +39,7 @@ class DBLoss(nn.Module):
     def __init__(self, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
         self.reduction = _checked_reduction(reduction)
-        self.backend = _checked_backend(backend)
+        self.backend = check_backend_name(backend)
 
     def forward(self, log_pf, log_pterm, log_r, lengths):
         return F.db_loss(log_pf, log_pterm, log_r, lengths, self.reduction, backend=self.backend)

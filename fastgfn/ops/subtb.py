@@ -1,65 +1,22 @@
 """The SubTB pair-sum op: registration, backend dispatch and autograd.
 
 ``torch.ops.fastgfn.subtb_pair_sums(log_pf, log_pterm, log_r, lengths, lam, backend)`` returns
-per-sequence ``(num, den)`` (DESIGN.md §2.2; see ``fastgfn.reference.subtb``). Every loss in
+per-sequence ``(num, den)`` (docs/MATH.md §2; see ``fastgfn.reference.subtb``). Every loss in
 ``fastgfn.losses`` that sums over sub-trajectories reduces these two vectors.
 
-Layering: the public loss functions validate arguments and resolve ``backend='auto'`` to one
-implementation *before* calling the op, so dispatch happens outside autograd and the op is a
-single opaque node for ``torch.compile``. The op's forward and backward are themselves
-registered ops; each calls the reference (float64), the C++ kernel or the Triton kernel.
+Layering: the public loss functions validate arguments and resolve ``backend='auto'``
+(:func:`fastgfn.backends.resolve_backend`) *before* calling the op, so dispatch happens outside
+autograd and the op is a single opaque node for ``torch.compile``. The op's forward and
+backward are themselves registered ops; each calls the backend module's ``subtb_forward`` /
+``subtb_backward`` (:mod:`fastgfn.backends`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastgfn._backend import triton_kernels
 from fastgfn._dtypes import accumulation_dtype
-from fastgfn._extension import require_cpu_kernels
-from fastgfn.reference.subtb import (
-    subtb_pair_sums_backward_reference,
-    subtb_pair_sums_reference,
-)
-
-# ---------------------------------------------------------------------------------------------
-# Backend implementations
-# ---------------------------------------------------------------------------------------------
-
-
-def _forward_reference(log_pf, log_pterm, log_r, lengths, lam):
-    num, den = subtb_pair_sums_reference(log_pf, log_pterm, log_r, lengths, lam)
-    dtype = accumulation_dtype(log_pf, log_pterm, log_r)
-    return num.to(dtype), den.to(dtype)
-
-
-def _backward_reference(grad_num, log_pf, log_pterm, log_r, lengths, lam):
-    grads = subtb_pair_sums_backward_reference(grad_num, log_pf, log_pterm, log_r, lengths, lam)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (log_pf, log_pterm, log_r)))
-
-
-def _forward_cpp(log_pf, log_pterm, log_r, lengths, lam):
-    require_cpu_kernels()
-    return torch.ops.fastgfn_cpu.subtb_forward(log_pf, log_pterm, log_r, lengths, lam)
-
-
-def _backward_cpp(grad_num, log_pf, log_pterm, log_r, lengths, lam):
-    require_cpu_kernels()
-    return torch.ops.fastgfn_cpu.subtb_backward(grad_num, log_pf, log_pterm, log_r, lengths, lam)
-
-
-def _forward_triton(log_pf, log_pterm, log_r, lengths, lam):
-    return triton_kernels("subtb_triton").subtb_forward(log_pf, log_pterm, log_r, lengths, lam)
-
-
-def _backward_triton(grad_num, log_pf, log_pterm, log_r, lengths, lam):
-    kernels = triton_kernels("subtb_triton")
-    return kernels.subtb_backward(grad_num, log_pf, log_pterm, log_r, lengths, lam)
-
-
-_FORWARD = {"reference": _forward_reference, "cpp": _forward_cpp, "triton": _forward_triton}
-_BACKWARD = {"reference": _backward_reference, "cpp": _backward_cpp, "triton": _backward_triton}
-
+from fastgfn.backends import get_backend
 
 # ---------------------------------------------------------------------------------------------
 # Registered ops
@@ -77,9 +34,12 @@ def subtb_pair_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence ``num = sum w res^2`` and ``den = sum w`` over sub-trajectories.
 
+    For lam > 1 both are scaled by ``lam ** -(n_b - 1)`` so that nothing overflows (the
+    ratio is unchanged; ``fastgfn.reference.subtb.pair_sums_log_scale`` gives the log factor).
+
     ``backend`` must already be resolved ('reference', 'cpp' or 'triton').
     """
-    num, den = _FORWARD[backend](log_pf, log_pterm, log_r, lengths, lam)
+    num, den = get_backend(backend).subtb_forward(log_pf, log_pterm, log_r, lengths, lam)
     return num, den
 
 
@@ -101,7 +61,8 @@ def subtb_pair_sums_backward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_b grad_num[b] * num[b]`` w.r.t. log_pf, log_pterm and log_r."""
-    d_pf, d_pt, d_r = _BACKWARD[backend](grad_num, log_pf, log_pterm, log_r, lengths, lam)
+    impl = get_backend(backend)
+    d_pf, d_pt, d_r = impl.subtb_backward(grad_num, log_pf, log_pterm, log_r, lengths, lam)
     return d_pf, d_pt, d_r
 
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference for the per-token log-prob ops (DESIGN §2.1).
+"""Pure-PyTorch reference for the per-token log-prob ops (docs/MATH.md §1).
 
 Readable and exact: it materialises the ``[N, V]`` log-softmax, computes in ``compute_dtype``
 (float64 by default, which is what the tests compare every backend against) and gets its
@@ -9,8 +9,8 @@ gradients from autograd. It is also the ``backend="reference"`` fallback of
     z        = c tanh(z / c)                  (softcap c, optional)
     z'       = z / tau + beta                 (temperature tau, vocabulary bias beta)
     lse      = logsumexp_v z'
-    logp     = z'[y] - lse                    (0 where y == ignore_index)
-    extra_k  = z'[e_k] - lse                  (every row, ignored or not)
+    logp     = z'[y] - lse                    (0 where y == ignore_index, NaN for y not in [0, V))
+    extra_k  = z'[e_k] - lse                  (every row, ignored or not; NaN for e_k not in [0, V))
     entropy  = -sum_v p log p                 (p log p := 0 where p == 0, e.g. beta = -inf)
 """
 
@@ -50,6 +50,33 @@ def transform_logits(
     return z
 
 
+def checked_targets(target: torch.Tensor, ignore_index: int, V: int):
+    """(valid, bad, safe): rows whose target is a vocabulary id, rows whose target is neither
+    that nor ``ignore_index`` (their log-prob is NaN, docs/MATH.md §1), and the targets with
+    every other row pointed at column 0, as int64."""
+    in_range = (target >= 0) & (target < V)
+    valid = in_range & (target != ignore_index)
+    bad = ~in_range & (target != ignore_index)
+    return valid, bad, torch.where(valid, target, torch.zeros_like(target)).long()
+
+
+def checked_extra_ids(extra_ids: torch.Tensor | None, V: int, device):
+    """(ok [K], safe [K] int64): which extra ids are vocabulary ids (the others give NaN
+    columns), and the ids with the others pointed at column 0."""
+    if extra_ids is None:
+        extra_ids = torch.zeros(0, dtype=torch.long, device=device)
+    ok = (extra_ids >= 0) & (extra_ids < V)
+    return ok, torch.where(ok, extra_ids, torch.zeros_like(extra_ids)).long()
+
+
+def linear_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` in ``dtype``."""
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    return z if bias is None else z + bias.to(dtype)
+
+
 def token_logprobs_reference(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -67,13 +94,12 @@ def token_logprobs_reference(
     )
     lse = torch.logsumexp(z, dim=-1)
     logprobs = z - lse[:, None]
-    valid = target != ignore_index
-    safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
+    V = z.shape[-1]
+    valid, bad, safe_target = checked_targets(target, ignore_index, V)
     logp = logprobs.gather(1, safe_target[:, None]).squeeze(1)
-    logp = torch.where(valid, logp, torch.zeros_like(logp))
-    if extra_ids is None:
-        extra_ids = torch.zeros(0, dtype=torch.long, device=logits.device)
-    extra = logprobs[:, extra_ids.long()]
+    logp = torch.where(valid, logp, torch.where(bad, torch.nan, torch.zeros_like(logp)))
+    ok, safe_extra = checked_extra_ids(extra_ids, V, logits.device)
+    extra = torch.where(ok, logprobs[:, safe_extra], torch.nan)
     p = logprobs.exp()
     # p log p is 0 where p underflows (or the bias is -inf); mask before multiplying so that
     # neither the value nor its gradient sees 0 * -inf.
@@ -95,11 +121,8 @@ def linear_token_logprobs_reference(
     compute_dtype: torch.dtype = torch.float64,
 ) -> TokenLogProbs:
     """Same outputs with ``logits = hidden @ weight.T + bias`` formed explicitly."""
-    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
-    if bias is not None:
-        logits = logits + bias.to(compute_dtype)
     return token_logprobs_reference(
-        logits,
+        linear_logits(hidden, weight, bias, compute_dtype),
         target,
         extra_ids,
         temperature=temperature,
@@ -125,7 +148,7 @@ def token_logprobs_backward_reference(
     ignore_index: int = -100,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """d logits, written out (DESIGN §2.1), for upstream gradients on every output (None = 0):
+    """d logits, written out (docs/MATH.md §1), for upstream gradients on every output (None = 0):
 
     dz' = g_y (1[v=y] - p) + sum_k g_e,k (1[v=e_k] - p) - g_H p (log p + H) + g_lse p
     dz  = dz' / tau * (1 - tanh^2(z / c))        (the last factor only with a softcap)
@@ -137,16 +160,16 @@ def token_logprobs_backward_reference(
     logprobs = zt - lse
     p = logprobs.exp()
     dzt = torch.zeros_like(zt)
-    valid = target != ignore_index
-    if grad_logp is not None:
-        g = torch.where(valid, grad_logp.to(compute_dtype), torch.zeros((), dtype=compute_dtype))
-        safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    zero = torch.zeros((), dtype=compute_dtype)
+    valid, _, safe = checked_targets(target, ignore_index, V)
+    if grad_logp is not None:  # out-of-range ids give constant NaN outputs: no gradient
+        g = torch.where(valid, grad_logp.to(compute_dtype), zero)
         dzt.scatter_add_(1, safe[:, None], g[:, None])
         dzt -= g[:, None] * p
     if grad_extra is not None and extra_ids is not None and extra_ids.numel() > 0:
-        ge = grad_extra.to(compute_dtype)
-        idx = extra_ids.long()[None, :].expand(N, -1)
-        dzt.scatter_add_(1, idx, ge)
+        ok, safe_extra = checked_extra_ids(extra_ids, V, logits.device)
+        ge = torch.where(ok, grad_extra.to(compute_dtype), zero)
+        dzt.scatter_add_(1, safe_extra[None, :].expand(N, -1), ge)
         dzt -= ge.sum(1, keepdim=True) * p
     if grad_entropy is not None:
         entropy = -(p * logprobs.masked_fill(p == 0, 0.0)).sum(-1, keepdim=True)
@@ -178,15 +201,12 @@ def linear_token_logprobs_backward_reference(
     """(d hidden, d weight, d bias) = (dz W, dz^T h, sum_n dz) with dz from the logits rule."""
     h = hidden.to(compute_dtype)
     w = weight.to(compute_dtype)
-    logits = h @ w.T
-    if bias is not None:
-        logits = logits + bias.to(compute_dtype)
     dz = token_logprobs_backward_reference(
         grad_logp,
         grad_extra,
         grad_entropy,
         grad_lse,
-        logits,
+        linear_logits(h, w, bias, compute_dtype),
         target,
         extra_ids,
         compute_dtype=compute_dtype,

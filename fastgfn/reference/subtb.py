@@ -1,9 +1,11 @@
-"""Reference for the modified sub-trajectory balance loss (DESIGN.md §2.2), in float64.
+"""Reference for the modified sub-trajectory balance loss (docs/MATH.md §2), in float64.
 
 Written for reading, not speed: it materialises every (i, j) pair of every sequence.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -22,7 +24,9 @@ def subtb_pair_sums_reference(
         res(i, j) = log_r[i] + sum_{k=i}^{j-1} log_pf[k] + log_pterm[j] - log_r[j] - log_pterm[i]
         w(i, j)   = lam ** (j - i - 1)
 
-    Returns ``num[b] = sum w * res**2`` and ``den[b] = sum w``. Positions past n are masked
+    Returns ``num[b] = sum w * res**2`` and ``den[b] = sum w``; for lam > 1 both are scaled
+    by ``lam ** -(n - 1)`` (the heaviest pair weighs 1, see :func:`pair_sums_log_scale`), so
+    that long sequences do not overflow. Positions past n are masked
     with ``where`` (never multiplied), so non-finite padding cannot leak into the result.
     Differentiable with autograd; :func:`subtb_pair_sums_backward_reference` spells the
     gradient out.
@@ -54,6 +58,14 @@ def subtb_pair_sums_backward_reference(
     return d_pf, d_potential, -d_potential
 
 
+def pair_sums_log_scale(lengths: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
+    """``log`` of the factor that turns the returned ``num, den`` into the plain weighted sums:
+    ``(n - 1) log lam`` for lam > 1 (0 for empty sequences), 0 for lam <= 1."""
+    if lam <= 1.0:
+        return torch.zeros(lengths.shape, dtype=dtype, device=lengths.device)
+    return (lengths.to(dtype) - 1.0).clamp(min=0.0) * math.log(lam)
+
+
 def _pairs(log_pf, log_pterm, log_r, lengths, lam):
     B, T = log_pf.shape
     device = log_pf.device
@@ -73,8 +85,9 @@ def _pairs(log_pf, log_pterm, log_r, lengths, lam):
     i = state.view(1, T + 1, 1)
     j = state.view(1, 1, T + 1)
     pair = (i < j) & (j <= n[:, :, None])  # [B, T+1, T+1]
-    exponent = (j - i - 1).clamp(min=0).double()
-    w = torch.where(pair, torch.pow(torch.tensor(float(lam), dtype=torch.float64), exponent), 0.0)
+    exponent = (j - i - 1).clamp(min=0) - (n[:, :, None] - 1).clamp(min=0) * int(lam > 1.0)
+    lam64 = torch.tensor(float(lam), dtype=torch.float64)
+    w = torch.where(pair, torch.pow(lam64, exponent.double()), 0.0)
     res = torch.where(pair, res, 0.0)
     num = (w * res.square()).sum(dim=(1, 2))
     den = w.sum(dim=(1, 2))

@@ -12,8 +12,13 @@ under DeepSpeed ZeRO-2/3. The files are the steps of a run:
     objective.py                              loss choice, log Z, dead ends, the s0 flow
     engines/                                  torch and DeepSpeed ZeRO engines (Engine)
     replay.py                                 the replay buffer
-    checkpoint.py, signals.py, export.py      checkpoints, clean stops, the saved model
+    checkpoint.py, checkpoint_files.py        checkpoints that never lose work
+    resume.py                                 which checkpoint resume takes; config changes
+    nonfinite.py                              never training on NaN
+    signals.py, export.py                     clean stops, the saved model
     evaluation.py, report.py, metrics_log.py  evaluation, the final table, metrics files
+    plots.py, model_card.py                   training curves; the exported model's card
+    integrations/                             other tools (TRL); imported only by their users
     continuation_eval/                        the continuation results table (a command)
 
 The library (``fastgfn`` itself: losses, ops, kernels) never imports this package.
@@ -21,7 +26,10 @@ The library (``fastgfn`` itself: losses, ops, kernels) never imports this packag
 
 from fastgfn.trainer.config import Config
 from fastgfn.trainer.config_loading import load_config
-from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.errors import CheckpointError, ConfigError, FastgfnError, TrainingError
 from fastgfn.trainer.trainer import Trainer
 
-__all__ = ["Config", "ConfigError", "Trainer", "load_config"]
+__all__ = [
+    "CheckpointError", "Config", "ConfigError", "FastgfnError", "Trainer", "TrainingError",
+    "load_config",
+]

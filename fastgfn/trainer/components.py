@@ -21,13 +21,14 @@ from fastgfn.trainer.engines.distributed import (
     zero3_init_context,
 )
 from fastgfn.trainer.evaluation import build_answer_task
-from fastgfn.trainer.models import disable_dropout, load_model
+from fastgfn.trainer.models import disable_dropout, load_model, load_tokenizer
 from fastgfn.trainer.objective import Objective
 from fastgfn.trainer.replay import ReplayBuffer
 from fastgfn.trainer.reward_model import build_reward_lm
 from fastgfn.trainer.rollout import Rollouts
 from fastgfn.trainer.sampling.replica import build_replica
 from fastgfn.trainer.tasks import build_task, task_class
+from fastgfn.trainer.tasks.base import termination_token
 
 
 class RandomStreams:
@@ -90,12 +91,16 @@ def start_process_group(cfg) -> dict | None:
 
 
 def load_policy(cfg, ds_config: dict | None):
-    """(model, tokenizer). Under ZeRO-3 the model is built already partitioned; a tiny test
-    model is built whole so its initial weights do not depend on the stage."""
+    """(model, tokenizer). The tokenizer comes first, so a termination string it cannot
+    encode as one token is refused before the model loads. Under ZeRO-3 the model is built
+    already partitioned; a tiny test model is built whole so its initial weights do not depend
+    on the stage."""
+    tokenizer = load_tokenizer(cfg)
+    termination_token(tokenizer, cfg.termination)  # a ConfigError naming the key
     if ds_config is not None and cfg.model != "tiny":
         with zero3_init_context(ds_config):
-            return load_model(cfg)
-    return load_model(cfg)
+            return load_model(cfg, tokenizer=False)[0], tokenizer
+    return load_model(cfg, tokenizer=False)[0], tokenizer
 
 
 def build(cfg) -> Components:

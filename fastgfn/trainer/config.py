@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.metrics_log import resolve_report_to
 
 
 @dataclass
@@ -91,6 +92,8 @@ class Config:
     lr_min_ratio: float = 0.1
     grad_clip: float = 1.0
     grad_accum: int = 1
+    max_nonfinite_steps: int = 10  # stop with an error after this many skipped steps in a row
+    #   (a step whose loss, gradient norm or used rewards are not finite is skipped)
     seed: int = 0
     same_data_all_ranks: bool = False  # every rank samples the same data (tests)
     device: str = "auto"  # one plain process: "auto" (cuda when available), "cpu", "cuda", "cuda:N"
@@ -106,15 +109,20 @@ class Config:
     eval_rationales: int = 4  # reasoning: rationales sampled per question (0: no accuracy)
     eval_every: int = 0
     histogram: bool = True
+    training_curves: bool = True  # training_curves.png at the end (plots.py)
     # run, logging and checkpoints -------------------------------------------------------
     output_dir: str = "runs/default"
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    allow_config_change: bool = False  # resume: apply settings that differ from the
+    #   checkpoint's (refused without it, except steps, logging, evaluation and paths)
     stop_after_steps: int = 0  # checkpoint and exit after this many steps of this invocation
     save_model: bool = True  # at the end, the fine-tuned model as a Hugging Face directory
     export_dir: str | None = None  # where it goes (default: <output_dir>/model)
-    tensorboard: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # logging targets beside
+    #   metrics.jsonl: none, tensorboard, wandb, or several (a comma list or a YAML list)
+    tensorboard: bool | None = None  # deprecated: report_to=tensorboard / report_to=none
     progress: bool = True
     deepspeed_config: str | None = None
     extra: dict = field(default_factory=dict)  # free-form, unvalidated
@@ -138,14 +146,15 @@ _CHOICES = {
 _POSITIVE = (
     "batch_size", "max_new_tokens", "steps", "lr", "grad_accum", "eval_batch_size",
     "reward_temperature", "explore_temp_low", "explore_temp_high", "tiny_hidden",
-    "tiny_layers", "lora_r", "replay_size", "keep_checkpoints",
+    "tiny_layers", "lora_r", "replay_size", "keep_checkpoints", "subtb_lambda",
+    "max_nonfinite_steps",
 )
 _NON_NEGATIVE = (
     "min_new_tokens", "warmup_steps", "grad_clip", "weight_decay", "eval_samples",
     "eval_every", "eval_questions", "eval_rationales", "save_every", "log_z_lr",
-    "replay_min_distance", "num_threads", "reward_temperature_steps", "subtb_lambda",
-    "lora_dropout",
+    "replay_min_distance", "num_threads", "reward_temperature_steps", "lora_dropout",
 )
+_FINITE = ("log_z_init", "invalid_log_reward", "illegal_token_bias", "lora_alpha")
 _PROBS = ("explore_prob", "replay_prob", "explore_vocab_prob", "lr_min_ratio")
 
 
@@ -158,6 +167,9 @@ def _check_numbers(cfg: Config) -> None:
         value = getattr(cfg, key)
         if not (value >= 0 and math.isfinite(value)):
             raise ConfigError(f"{key}: must be finite and >= 0, got {value!r}")
+    for key in _FINITE:
+        if not math.isfinite(getattr(cfg, key)):
+            raise ConfigError(f"{key}: must be a finite number, got {getattr(cfg, key)!r}")
     for key in _PROBS:
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}: must be a probability in [0, 1], got {getattr(cfg, key)!r}")
@@ -177,8 +189,9 @@ def _check_numbers(cfg: Config) -> None:
         raise ConfigError(f"task_low: must be <= task_high ({cfg.task_high}), got {cfg.task_low}")
     if not 0.0 <= cfg.heldout_fraction < 1.0:
         raise ConfigError(f"heldout_fraction: must be in [0, 1), got {cfg.heldout_fraction!r}")
-    if cfg.reward_temperature_end is not None and not cfg.reward_temperature_end > 0:
-        raise ConfigError(f"reward_temperature_end: must be > 0, got {cfg.reward_temperature_end}")
+    end = cfg.reward_temperature_end
+    if end is not None and not (end > 0 and math.isfinite(end)):
+        raise ConfigError(f"reward_temperature_end: must be finite and > 0, got {end!r}")
 
 
 def validate(cfg: Config) -> Config:
@@ -208,6 +221,7 @@ def validate(cfg: Config) -> Config:
         from fastgfn.trainer.models import require_flash_attn
 
         require_flash_attn()
+    resolve_report_to(cfg)
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(f"deepspeed_config: no such file {cfg.deepspeed_config!r}")
     return cfg

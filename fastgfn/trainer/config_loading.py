@@ -44,6 +44,13 @@ def _coerce(key: str, value, typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
+    if typ is list or typing.get_origin(typ) is list:  # a YAML list or "a,b"
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{key}: expected a list of names or a comma-separated string, got "
+                          f"{value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -137,10 +144,20 @@ def resolve_path(value: str | None, base: Path) -> str | None:
 
 
 def _read_yaml(path: Path) -> dict:
+    """The mapping in a YAML file; a ``ConfigError`` naming the file (and the line of a syntax
+    error) when it cannot be read or parsed."""
     import yaml
 
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config: {path}:{where} YAML syntax error: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of key: value")
     return data

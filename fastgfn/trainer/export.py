@@ -1,5 +1,6 @@
-"""The fine-tuned model as a Hugging Face directory (weights, config, tokenizer), written at
-the end of every run unless ``save_model=false``: ``<output_dir>/model`` or ``export_dir``.
+"""The fine-tuned model as a Hugging Face directory (weights, config, tokenizer and a model
+card, ``README.md``: ``model_card.py``), written at the end of every run unless
+``save_model=false``: ``<output_dir>/model`` or ``export_dir``.
 ZeRO-3 weights are gathered first and LoRA adapters merged, so the directory loads with a
 plain ``AutoModelForCausalLM.from_pretrained``."""
 
@@ -11,8 +12,9 @@ from pathlib import Path
 from fastgfn.trainer.engines.distributed import barrier, rank
 
 
-def export_model(engine, tokenizer, directory: Path, lora: bool) -> None:
-    """``save_pretrained`` the engine's policy into ``directory`` (every rank calls this)."""
+def export_model(engine, tokenizer, directory: Path, lora: bool, card: str | None = None) -> None:
+    """``save_pretrained`` the engine's policy into ``directory``, with the model card
+    ``card`` as its README.md (every rank calls this)."""
     from fastgfn.trainer.models import exportable
 
     with engine.full_parameters() as model:
@@ -22,6 +24,8 @@ def export_model(engine, tokenizer, directory: Path, lora: bool) -> None:
             m.save_pretrained(str(directory), safe_serialization=True)
             if hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(directory))
+            if card is not None:
+                (Path(directory) / "README.md").write_text(card)
     barrier()
 
 

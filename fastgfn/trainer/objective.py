@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 import fastgfn
-from fastgfn.trainer.engines.distributed import all_reduce_mean_, rank
+from fastgfn.trainer.engines.distributed import all_ranks_agree, all_reduce_mean_, rank
 from fastgfn.trainer.errors import ConfigError
 
 LOSSES = ("subtb", "db", "tb", "vargrad")
@@ -26,16 +26,21 @@ LOSSES = ("subtb", "db", "tb", "vargrad")
 
 class LogZ:
     """A learned scalar log Z with its own Adam (learning rate ``log_z_lr``; none when 0). Its
-    gradient is averaged over the ranks before each step, so every rank keeps the same value."""
+    gradient is averaged over the ranks before each step, so every rank keeps the same value.
+    The Adam is the fused one, so a step the trainer skips (non-finite loss or gradients) is
+    skipped on the device (``found_inf``), with no host sync."""
 
     def __init__(self, init: float, lr: float, device=None):
         self.param = torch.nn.Parameter(torch.tensor(float(init), device=device))
-        self.opt = torch.optim.Adam([self.param], lr=lr) if lr > 0 else None
+        self.opt = torch.optim.Adam([self.param], lr=lr, fused=True) if lr > 0 else None
 
-    def step(self) -> None:
+    def step(self, skip: torch.Tensor | bool = False) -> None:
+        """One Adam step, or none (parameter and moments unchanged) where ``skip``."""
         if self.opt is None or self.param.grad is None:
             return
         all_reduce_mean_(self.param.grad)
+        self.opt.grad_scale = None
+        self.opt.found_inf = torch.as_tensor(skip, dtype=torch.float32).to(self.param.device)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -63,8 +68,7 @@ class LogZ:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             self.param.copy_(state["value"])
-        adam = {k[5:]: v if k == "adam.step" else v.to(self.param.device)
-                for k, v in state.items() if k.startswith("adam.")}
+        adam = {k[5:]: v.to(self.param.device) for k, v in state.items() if k.startswith("adam.")}
         if self.opt is not None and adam:
             self.opt.state[self.param] = adam
 
@@ -137,14 +141,17 @@ class Objective:
         flows by never terminating instead of by moving log Z."""
         with torch.no_grad():
             ratio = fastgfn.trajectory_log_ratio(log_pf, log_pterm, log_r, lengths)  # log q/R
-            value = self.log_z.reset(-ratio.mean())
+            finite = torch.isfinite(ratio)  # rows with a non-finite reward do not count
+            if not all_ranks_agree(bool(finite.any())):
+                return  # a rank has no finite row: a later batch initialises log Z
+            value = self.log_z.reset(-ratio[finite].mean())
         self._log_z_set = True
         if rank() == 0:
             print(f"fastgfn: log Z initialised to {value:.3f} from the first batch")
 
-    def step(self) -> None:
-        """After the engine's optimizer step: log Z's own step."""
-        self.log_z.step()
+    def step(self, skip: torch.Tensor | bool = False) -> None:
+        """After the engine's optimizer step: log Z's own step (none where ``skip``)."""
+        self.log_z.step(skip)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"log_z.{k}": v for k, v in self.log_z.state_dict().items()}

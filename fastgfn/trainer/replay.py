@@ -3,11 +3,13 @@
 A new sequence enters when it is not already stored and beats the worst stored one (or there
 is room). With ``min_distance > 0`` a sequence within that token edit distance of a stored one
 is a near-duplicate: it replaces the stored one only when its log-reward is higher. The
-buffer serialises to JSON (``state_dict`` / ``load_state_dict``), never pickle.
+buffer serialises to JSON (``state_dict`` / ``load_state_dict``), never pickle; a state read
+back is checked field by field (``check_state``). A non-finite log-reward never enters.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -43,10 +45,13 @@ class ReplayBuffer:
         return len(self.entries.get(prompt, []))
 
     def add(self, prompt: int, tokens: list[int], log_reward: float) -> bool:
-        """Offer one sequence; return whether the buffer changed."""
+        """Offer one sequence; return whether the buffer changed (never for a non-finite
+        log-reward)."""
+        log_reward = float(log_reward)
+        if not math.isfinite(log_reward):
+            return False
         items = self.entries.setdefault(int(prompt), [])
         tokens = [int(t) for t in tokens]
-        log_reward = float(log_reward)
         for k, (lr, seq) in enumerate(items):
             if seq == tokens:
                 return False
@@ -92,10 +97,67 @@ class ReplayBuffer:
             "entries": {str(p): [[lr, seq] for lr, seq in v] for p, v in self.entries.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, vocab_size: int | None = None,
+                        num_prompts: int | None = None) -> None:
+        """Restore ``state_dict()``'s output after ``check_state`` (a ValueError naming the
+        field that is wrong)."""
+        check_state(state, vocab_size, num_prompts)
         self.capacity = int(state["capacity"])
         self.min_distance = int(state["min_distance"])
         self.entries = {
             int(p): [(float(lr), [int(t) for t in seq]) for lr, seq in v]
             for p, v in state["entries"].items()
         }
+
+    def resize(self, capacity: int) -> None:
+        """A new capacity; a smaller one keeps each prompt's best ``capacity`` sequences."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.entries = {p: v[:capacity] for p, v in self.entries.items()}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_state(state, vocab_size: int | None = None, num_prompts: int | None = None) -> None:
+    """A replay buffer state (as JSON gives it back): ``capacity`` an int > 0, ``min_distance``
+    an int >= 0, ``entries`` a mapping from prompt index (< ``num_prompts``) to at most
+    ``capacity`` pairs [finite log-reward, token ids in [0, ``vocab_size``)]. Raises a
+    ValueError naming the first field that is wrong."""
+    if not isinstance(state, dict):
+        raise ValueError(f"buffer: expected an object, got {type(state).__name__}")
+    for key in ("capacity", "min_distance", "entries"):
+        if key not in state:
+            raise ValueError(f"buffer.{key}: missing")
+    cap = state["capacity"]
+    if not (_is_int(cap) and cap > 0):
+        raise ValueError(f"buffer.capacity: must be an integer > 0, got {cap!r}")
+    if not (_is_int(state["min_distance"]) and state["min_distance"] >= 0):
+        raise ValueError(f"buffer.min_distance: must be an integer >= 0, got "
+                         f"{state['min_distance']!r}")
+    if not isinstance(state["entries"], dict):
+        raise ValueError("buffer.entries: expected an object of prompt index -> entries")
+    for p, items in state["entries"].items():
+        _check_prompt_entries(p, items, cap, vocab_size, num_prompts)
+
+
+def _check_prompt_entries(p, items, cap, vocab_size, num_prompts) -> None:
+    where = f"buffer.entries[{p!r}]"
+    if not (isinstance(p, str) and p.isdigit()) or \
+            (num_prompts is not None and int(p) >= num_prompts):
+        raise ValueError(f"{where}: prompt index must be an integer in [0, {num_prompts}), "
+                         f"got {p!r}")
+    if not isinstance(items, list) or len(items) > cap:
+        raise ValueError(f"{where}: expected a list of at most {cap} entries")
+    for i, item in enumerate(items):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)):
+            raise ValueError(f"{where}[{i}]: expected [log_reward, [token ids]]")
+        lr, seq = item
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+            raise ValueError(f"{where}[{i}]: log-reward must be a finite number, got {lr!r}")
+        for t in seq:
+            if not _is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise ValueError(f"{where}[{i}]: token id {t!r} is not in the vocabulary "
+                                 f"[0, {vocab_size})")

@@ -10,8 +10,10 @@ fine-tuned model. ``train_step`` is one optimizer step over ``grad_accum`` micro
     loss    = objective.loss(log q, log R / T)    objective.py: SubTB/DB/TB/VarGrad, log Z
     engine.backward(loss); ...; engine.step()     engines/: torch or DeepSpeed ZeRO
 
-The parts are built in ``components.py``; checkpoints are ``checkpoint.py``, the exported
-model ``export.py``, evaluation ``evaluation.py``.
+The parts are built in ``components.py``; checkpoints are ``checkpoint.py`` and
+``resume.py``, the exported model ``export.py`` (its card ``model_card.py``), evaluation
+``evaluation.py``, the pictures ``report.py`` and ``plots.py``, the policy for non-finite
+values ``nonfinite.py``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ import json
 import time
 from pathlib import Path
 
-from fastgfn.trainer import checkpoint, components
+import torch
+
+from fastgfn.trainer import checkpoint, components, resume
 from fastgfn.trainer.evaluation import evaluate
 from fastgfn.trainer.export import export_model, usage
 from fastgfn.trainer.metrics_log import MetricsLogger
+from fastgfn.trainer.model_card import model_card
+from fastgfn.trainer.nonfinite import SkipCounter, nonfinite_rows, poisoned, report_rows
+from fastgfn.trainer.plots import training_curves
 from fastgfn.trainer.report import format_table, histogram
 from fastgfn.trainer.scoring import gfn_logprobs
 from fastgfn.trainer.signals import StopSignals
@@ -32,6 +39,7 @@ from fastgfn.trainer.signals import StopSignals
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
+        resume.check_run_directories(cfg)  # before the model loads
         parts = components.build(cfg)
         self.rank, self.world = parts.rank, parts.world
         self.is_main = self.rank == 0
@@ -40,6 +48,8 @@ class Trainer:
         self.buffer, self.streams = parts.buffer, parts.streams
         self.load_seconds = parts.load_seconds
         self.step = 0
+        self.saved_step = None  # the step of the checkpoint this run saved or resumed last
+        self.skips = SkipCounter(cfg.max_nonfinite_steps)
         self.out = Path(cfg.output_dir)
         self.logger = MetricsLogger(cfg, self.out, self.is_main)
 
@@ -47,13 +57,18 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.time()
         micro = [self._micro_step() for _ in range(self.cfg.grad_accum)]
-        grad_norm = self.engine.step()
-        self.objective.step()
+        grad_norm, skipped = self.engine.step()
+        self.objective.step(skipped)
         metrics = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
+        # the step's one host read of device values: the norm and the skip flag together
+        grad_norm, skipped = torch.stack([torch.as_tensor(grad_norm, dtype=torch.float32).cpu(),
+                                          torch.as_tensor(skipped, dtype=torch.float32).cpu()]
+                                         ).tolist()
         dt = time.time() - t0
         tokens = sum(m["rows"] * (m["length"] + 1) for m in micro)
         metrics.update(
             grad_norm=grad_norm,
+            skipped=int(skipped),
             lr=self.engine.lr(),
             log_z=self.objective.log_z.value(),
             tokens_per_s=tokens / dt,
@@ -69,6 +84,10 @@ class Trainer:
         batch = self.rollouts.next_batch()
         dead = self.objective.cut_dead_ends(task, batch.rows, batch.lengths)
         log_r = task.log_rewards(batch.prompt_index, batch.rows, batch.width)
+        bad = nonfinite_rows(log_r, batch.lengths)
+        if bad:
+            who = f" (rank {self.rank})" if self.world > 1 else ""
+            print(report_rows(task, batch, bad, log_r, self.step + 1, who), flush=True)
         temperature = self.objective.reward_temperature(self.step)
         log_pf, log_pterm = gfn_logprobs(
             self.engine.module, task.prompt_tokens(batch.prompt_index).to(dev),
@@ -76,9 +95,9 @@ class Trainer:
         )
         loss = self.objective.loss(log_pf, log_pterm, (log_r / temperature).to(dev),
                                    batch.lengths.to(dev), dead)
-        self.engine.backward(loss)
+        self.engine.backward(poisoned(loss, bool(bad)))
         final = log_r.gather(1, batch.lengths[:, None]).squeeze(1)  # untempered
-        self.rollouts.remember(batch, final.tolist())
+        self.rollouts.remember(batch, final.tolist())  # the buffer refuses non-finite rewards
         return {
             "loss": float(loss.detach()),
             "log_reward": float(final.mean()),
@@ -86,6 +105,7 @@ class Trainer:
             "replayed": float(batch.replayed),
             "reward_temperature": temperature,
             "rows": len(batch.rows),
+            "nonfinite_rows": len(bad),
         }
 
     # the run ------------------------------------------------------------------------------
@@ -119,7 +139,11 @@ class Trainer:
         while self.step < cfg.steps:
             m = self.train_step()
             self.step += 1
+            self.skips.update(bool(m["skipped"]))
+            m["skipped_steps"] = self.skips.total
             self.logger.log(self.step, m)
+            if m["skipped"]:
+                self.skips.check(self.step, m["grad_norm"], m["loss"])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.3g}", logR=f"{m['log_reward']:.2f}",
@@ -141,27 +165,58 @@ class Trainer:
         return results
 
     def _finish(self, before: dict | None) -> dict:
-        """After the last step: the final checkpoint, the evaluation with its table, the
-        exported model."""
-        cfg, results = self.cfg, {}
+        """After the last step: the final checkpoint first, then the evaluation with its table
+        and pictures, then the exported model with its model card. Should the evaluation or the
+        export fail in a run that saves no checkpoints, its state is saved before the error
+        propagates."""
+        cfg, results, after = self.cfg, {}, None
         if cfg.save_every:
             self.save()
-        if cfg.eval_samples > 0:
-            after = self._evaluate("after")
-            results.update(before=before, after=after)
+        try:
+            if cfg.eval_samples > 0:
+                after = self._evaluate("after")
+                results.update(before=before, after=after)
             if self.is_main:
-                print(format_table(before, after))
-                if cfg.histogram and "counts" in after:
-                    png = self.out / "histogram.png"
-                    histogram(before["counts"] if before else None, after["counts"], self.task,
-                              png)
-                    print(f"histogram: {png}")
+                self._report(before, after)
+            if cfg.save_model:
+                card = model_card(cfg, steps=self.step, before=before, after=after,
+                                  prompt=self.task.prompt_text(0),
+                                  log_z=self.objective.log_z.value())
+                export_model(self.engine, self.tokenizer, cfg.model_dir, cfg.lora, card)
+                results["model_dir"] = str(cfg.model_dir)
+        except Exception:
+            self._rescue()
+            raise
         if cfg.save_model:
-            export_model(self.engine, self.tokenizer, cfg.model_dir, cfg.lora)
-            results["model_dir"] = str(cfg.model_dir)
             self.print(f"fine-tuned model saved to {cfg.model_dir}; load and sample it with:\n"
                        + usage(cfg.model_dir, self.task.prompt_text(0)))
         return results
+
+    def _report(self, before: dict | None, after: dict | None) -> None:
+        """Rank 0: the before/after table, the histogram, the training curves."""
+        cfg = self.cfg
+        if after is not None:
+            print(format_table(before, after))
+            if cfg.histogram and "counts" in after:
+                png = self.out / "histogram.png"
+                histogram(before["counts"] if before else None, after["counts"], self.task, png)
+                print(f"histogram: {png}")
+        png = self.out / "training_curves.png"
+        if cfg.training_curves and training_curves(self.out / "metrics.jsonl", png,
+                                                   f"{cfg.task}, loss={cfg.loss}"):
+            print(f"training curves: {png}")
+
+    def _rescue(self) -> None:
+        """A checkpoint of the trained state when the run has none of this step."""
+        if self.saved_step == self.step:
+            return
+        try:
+            path = self.save()
+        except Exception as exc:  # noqa: BLE001 (the original error is the one to raise)
+            self.print(f"fastgfn: saving the trained state failed too: {exc}")
+            return
+        self.print(f"fastgfn: the trained state is saved in {path}; fix the error below and "
+                   "run again with --resume to finish (export and evaluation)")
 
     def _evaluate(self, when: str) -> dict:
         cfg = self.cfg
@@ -195,32 +250,25 @@ class Trainer:
             "reward_temperature": self.objective.reward_temperature(self.step),
             "config": self.cfg.to_dict(),
             "world_size": self.world,
+            "skipped_steps": self.skips.total,
         }
 
     def save(self) -> Path:
-        return checkpoint.save_checkpoint(
-            self.engine, self.out / "checkpoints", self.step, self.client_state(),
-            self.streams.state(), self.cfg.keep_checkpoints, self.objective.state_dict(),
+        """Checkpoint this step, once: a step already saved (or resumed from) is not saved
+        again, so the end-of-run save never rewrites the periodic one."""
+        root = self.out / "checkpoints"
+        if self.saved_step == self.step:
+            return root / checkpoint.checkpoint_name(self.step)
+        path = checkpoint.save_checkpoint(
+            self.engine, root, self.step, self.client_state(), self.streams.state(),
+            self.cfg.keep_checkpoints, self.objective.state_dict(),
         )
+        self.saved_step = self.step
+        return path
 
     def maybe_resume(self) -> bool:
-        if not self.cfg.resume:
-            return False
-        root = self.out / "checkpoints"
-        path = checkpoint.latest_checkpoint(root)
-        if path is None:
-            self.print(f"resume: no checkpoint under {root}; starting fresh")
-            return False
-        client, rng, objective = checkpoint.load_checkpoint(self.engine, path)
-        self.step = int(client["step"])
-        self.buffer.load_state_dict(client["buffer"])
-        self.objective.load_state_dict(objective)
-        saved_world = int(client.get("world_size", self.world))
-        self.streams.restore(rng, self.step, self.rank, fresh=self.rank >= saved_world)
-        if saved_world != self.world:
-            self.print(f"resume: checkpoint of {saved_world} process(es) loaded in {self.world}")
-        self.print(f"resumed from {path} at step {self.step}")
-        return True
+        """With ``resume``: load the newest usable checkpoint (``resume.py``)."""
+        return resume.resume(self) if self.cfg.resume else False
 
     def print(self, *a) -> None:
         if self.is_main:

@@ -1,6 +1,6 @@
 // Per-token log-probs fused with the lm_head, CPU kernels: z = h W^T + b is formed one tile of
 // kBlockN tokens x kBlockV vocabulary entries at a time (BLAS through at::addmm on slices) and
-// reduced on the spot (logprobs_common.h, DESIGN §2.1), so the [N, V] logits never exist, in
+// reduced on the spot (logprobs_common.h, docs/MATH.md §1), so the [N, V] logits never exist, in
 // the forward or the backward pass.
 //
 // Forward: work items are (token tile, vocabulary group); each walks its vocabulary chunks
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forwa
   check_inputs(hidden, weight, bias, target_in, extra_in, vocab_bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto cdt = compute_dtype(hidden.scalar_type());
-  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const TokenIds ids = token_ids(target_in, extra_in, V, temperature, softcap, ignore_index);
   const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_linear_logprobs_forward", [&] {
@@ -111,8 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forwa
         [&](Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
           return tiles(ws, r0, r1, v0, v1, tiles.weight_chunk(v0, v1), nullptr);
         });
-    out = pack_outputs(stats, ids.target.data_ptr<int64_t>(), N, ids.K, ignore_index, entropy,
-                       hidden.options().dtype(cdt));
+    out = pack_outputs(stats, ids, N, entropy, hidden.options().dtype(cdt));
   });
   return {out[0], out[1], out[2], out[3]};
 }
@@ -142,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   check_inputs(hidden, weight, bias, target_in, extra_in, vocab_bias);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto cdt = compute_dtype(hidden.scalar_type());
-  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const TokenIds ids = token_ids(target_in, extra_in, V, temperature, softcap, ignore_index);
   const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt);
 
   const RowGrads g =
@@ -215,6 +214,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   });
   if (need_weight && nblocks > 1) dW.copy_(dW_full);
   if (need_bias && nblocks > 1) db.copy_(db_full);
+  if (nblocks == 0) {  // no rows (N == 0): nothing was accumulated, the sums are zero
+    if (need_weight) dW.zero_();
+    if (need_bias) db.zero_();
+  }
   if (need_hidden) dh = dh.to(hidden.scalar_type());
   // Gradients that were not asked for come back as empty tensors (the schema has no Tensor?).
   auto none = [&] { return at::empty({0}, copts); };

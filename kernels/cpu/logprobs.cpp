@@ -1,6 +1,6 @@
 // Per-token log-probs from logits [N, V], CPU kernels: forward and backward.
 //
-// Maths and tiling: logprobs_common.h (DESIGN §2.1). One pass over the vocabulary per row
+// Maths and tiling: logprobs_common.h (docs/MATH.md §1). One pass over the vocabulary per row
 // tile computes lse, entropy and the target / extra-id logits without ever writing an [N, V]
 // log-softmax; the backward pass recomputes p = exp(z' - lse) tile by tile from the saved
 // per-row lse and entropy and writes d logits (the only [N, V] tensor, because it is the
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
   check_common(logits, target_in, extra_in, vocab_bias_in);
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto cdt = compute_dtype(logits.scalar_type());
-  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const TokenIds ids = token_ids(target_in, extra_in, V, temperature, softcap, ignore_index);
   const LogitsTiles tiles = make_tiles(logits, vocab_bias_in, ids.P, cdt);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_logprobs_forward", [&] {
@@ -64,8 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_forward(
         [&](Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
           return tiles(ws, r0, r1, v0, v1, nullptr);
         });
-    out = pack_outputs(stats, ids.target.data_ptr<int64_t>(), N, ids.K, ignore_index, entropy,
-                       logits.options().dtype(cdt));
+    out = pack_outputs(stats, ids, N, entropy, logits.options().dtype(cdt));
   });
   return {out[0], out[1], out[2], out[3]};
 }
@@ -80,7 +79,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& grad
   check_common(logits, target_in, extra_in, vocab_bias_in);
   const int64_t N = logits.size(0), V = logits.size(1);
   const auto cdt = compute_dtype(logits.scalar_type());
-  const TokenIds ids = token_ids(target_in, extra_in, temperature, softcap, ignore_index);
+  const TokenIds ids = token_ids(target_in, extra_in, V, temperature, softcap, ignore_index);
   const LogitsTiles tiles = make_tiles(logits, vocab_bias_in, ids.P, cdt);
 
   const RowGrads g =

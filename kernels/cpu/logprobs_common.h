@@ -1,6 +1,6 @@
 // Shared tile machinery of the per-token log-prob CPU kernels (logprobs.cpp, linear_logprobs.cpp).
 //
-// Maths (../shared/DESIGN.md §2.1). With z' = c tanh(z / c) / tau + beta, every output of a row
+// Maths (docs/MATH.md §1). With z' = c tanh(z / c) / tau + beta, every output of a row
 // is a function of three per-row reductions over the vocabulary -- lse = log sum exp z', the
 // entropy H = -sum p log p, and the logits z'[y], z'[e_k] at a few columns -- so the vocabulary
 // is walked in tiles of kBlockV columns and only those reductions are kept.
@@ -201,10 +201,39 @@ RowStats forward_driver(int64_t N, int64_t V, const int64_t* target, const int64
   return out;
 }
 
+// What every forward and backward call prepares first: the token ids as contiguous int64
+// and the per-call constants. An id outside [0, V) (a target other than ignore_index, or an
+// extra id) gives a NaN output and no gradient (docs/MATH.md §1): the public functions reject
+// such ids when they may read values, and this is what is left when they may not.
+struct TokenIds {
+  at::Tensor target;  // [N] int64
+  at::Tensor extra;   // [K] int64
+  int64_t K;
+  int64_t V;
+  Params P;
+  bool in_vocab(int64_t id) const { return id >= 0 && id < V; }
+  // rows whose target is a vocabulary id (not ignore_index); extra ids in the vocabulary
+  at::Tensor valid_rows() const {
+    return target.ne(P.ignore_index).logical_and(target.ge(0)).logical_and(target.lt(V));
+  }
+  at::Tensor valid_extra() const { return extra.ge(0).logical_and(extra.lt(V)); }
+};
+
+inline TokenIds token_ids(const at::Tensor& target, const at::Tensor& extra_ids, int64_t V,
+                          double temperature, double softcap, int64_t ignore_index) {
+  TokenIds ids{target.to(at::kLong).contiguous(), extra_ids.to(at::kLong).contiguous(), 0, V,
+               Params{1.0 / temperature, softcap, ignore_index}};
+  ids.K = ids.extra.size(0);
+  return ids;
+}
+
 // Pack the forward outputs: logp [N], extra [N, K], entropy [N] (or [0]), lse [N].
-inline std::vector<at::Tensor> pack_outputs(const RowStats& s, const int64_t* target, int64_t N,
-                                            int64_t K, int64_t ignore_index, bool want_entropy,
-                                            at::TensorOptions opts) {
+inline std::vector<at::Tensor> pack_outputs(const RowStats& s, const TokenIds& ids, int64_t N,
+                                            bool want_entropy, at::TensorOptions opts) {
+  const int64_t K = ids.K;
+  const int64_t* target = ids.target.data_ptr<int64_t>();
+  const int64_t* extra_ids = ids.extra.data_ptr<int64_t>();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
   auto dopts = opts.dtype(at::kDouble);
   auto logp = at::empty({N}, dopts), extra = at::empty({N, K}, dopts), lse = at::empty({N}, dopts);
   auto ent = at::empty({want_entropy ? N : 0}, dopts);
@@ -214,34 +243,20 @@ inline std::vector<at::Tensor> pack_outputs(const RowStats& s, const int64_t* ta
   double* en = ent.data_ptr<double>();
   for (int64_t r = 0; r < N; ++r) {
     ls[r] = s.lse[r];
-    lp[r] = target[r] == ignore_index ? 0.0 : s.tgt[r] - s.lse[r];
-    for (int64_t k = 0; k < K; ++k) ex[r * K + k] = s.extra[r * K + k] - s.lse[r];
+    if (target[r] == ids.P.ignore_index) lp[r] = 0.0;
+    else lp[r] = ids.in_vocab(target[r]) ? s.tgt[r] - s.lse[r] : nan;
+    for (int64_t k = 0; k < K; ++k)
+      ex[r * K + k] = ids.in_vocab(extra_ids[k]) ? s.extra[r * K + k] - s.lse[r] : nan;
     if (want_entropy) en[r] = s.ent[r];
   }
   const auto dt = opts.dtype().toScalarType();
   return {logp.to(dt), extra.to(dt), ent.to(dt), lse.to(dt)};
 }
 
-// What every forward and backward call prepares first: the token ids as contiguous int64
-// and the per-call constants.
-struct TokenIds {
-  at::Tensor target;  // [N] int64
-  at::Tensor extra;   // [K] int64
-  int64_t K;
-  Params P;
-};
-
-inline TokenIds token_ids(const at::Tensor& target, const at::Tensor& extra_ids,
-                          double temperature, double softcap, int64_t ignore_index) {
-  TokenIds ids{target.to(at::kLong).contiguous(), extra_ids.to(at::kLong).contiguous(), 0,
-               Params{1.0 / temperature, softcap, ignore_index}};
-  ids.K = ids.extra.size(0);
-  return ids;
-}
-
 // The per-row inputs of a backward pass, [N] (ge: [N, K]) in the compute dtype: the saved
 // lse, the upstream gradients g_y and g_e, and the row coefficient
-//     G = g_y [y != ignore] + sum_k g_e,k - g_lse;
+//     G = g_y [y valid] + sum_k g_e,k [e_k valid] - g_lse
+// (g_y and g_e are zeroed where the id is not valid: those outputs are constant NaN);
 // with an entropy gradient also the saved entropy H and g_H (both undefined otherwise).
 struct RowGrads {
   at::Tensor lse, G, gy, ge, ent, gH;
@@ -253,9 +268,10 @@ inline RowGrads row_grads(const at::Tensor& grad_logp, const at::Tensor& grad_ex
                           const at::Tensor& entropy, const TokenIds& ids, at::ScalarType cdt) {
   RowGrads g;
   g.lse = lse.to(cdt).contiguous();
-  g.gy = grad_logp.to(cdt).contiguous();
-  g.ge = grad_extra.to(cdt).contiguous();
-  auto G = g.gy.mul(ids.target.ne(ids.P.ignore_index).to(cdt));
+  g.gy = at::where(ids.valid_rows(), grad_logp.to(cdt), 0.0).contiguous();
+  g.ge = at::where(ids.valid_extra().unsqueeze(0), grad_extra.to(cdt), 0.0)
+             .contiguous();
+  auto G = g.gy.clone();
   if (grad_extra.numel() > 0) G.add_(g.ge.sum(1));
   G.sub_(grad_lse.to(cdt));
   g.G = G.contiguous();

@@ -1,6 +1,6 @@
 // Modified sub-trajectory balance (SubTB) loss, CPU kernels: forward and backward.
 //
-// Maths (../shared/DESIGN.md §2.2). For one sequence with n generated tokens define the
+// Maths (docs/MATH.md §2). For one sequence with n generated tokens define the
 // potential of every prefix state s_j, j = 0..n,
 //
 //     G[j] = sum_{t<j} log_pf[t] + log_pterm[j] - log_r[j],
@@ -23,11 +23,19 @@
 // a reverse scan: R_0(k) = 1 + lam R_0(k+1),  R_1(k) = e + lam (R_1(k+1) + e R_0(k+1)),
 // e = G[k+1] - G[k]. Then d log_pterm[k] = dG[k], d log_r[k] = -dG[k] and
 // d log_pf[t] = sum_{t<k<=n} dG[k]. Positions past n are never read and get exactly zero.
+//
+// lam > 1 (docs/MATH.md §2): num and den are returned scaled by lam^-(n-1), so that the pair
+// (0, n) weighs 1 and nothing overflows. The scans then carry every quantity relative to the
+// heaviest weight seen so far: with mu = 1 / lam, each step multiplies the accumulated sums
+// by mu and adds the new start's weight mu^j instead of 1 ("Scan" below), and the backward's
+// per-state moments are brought to the final scale with mu^(n-j) (pairs ending at j) and
+// mu^k (pairs starting at k). For lam <= 1 every one of those factors is 1.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -64,6 +72,17 @@ void potentials(const scalar_t* pf, const scalar_t* pt, const scalar_t* r, int64
 
 int64_t clamp_length(int64_t n, int64_t T) { return std::min<int64_t>(std::max<int64_t>(n, 0), T); }
 
+// The scan factors: lam <= 1 carries the moments with lam and adds 1 per new pair start;
+// lam > 1 keeps everything relative to the heaviest weight so far (see the header).
+struct Scan {
+  bool rescale;
+  double carry;  // factor on the carried moments
+  double decay;  // factor on the accumulated sums per step (mu = 1 / lam, or 1)
+  explicit Scan(double lam)
+      : rescale(lam > 1.0), carry(lam > 1.0 ? 1.0 : lam), decay(lam > 1.0 ? 1.0 / lam : 1.0) {}
+  double pow(int64_t e) const { return rescale ? std::pow(decay, static_cast<double>(e)) : 1.0; }
+};
+
 std::tuple<at::Tensor, at::Tensor> subtb_forward(const at::Tensor& log_pf_in,
                                                  const at::Tensor& log_pterm_in,
                                                  const at::Tensor& log_r_in,
@@ -85,21 +104,23 @@ std::tuple<at::Tensor, at::Tensor> subtb_forward(const at::Tensor& log_pf_in,
     const scalar_t* r = log_r.data_ptr<scalar_t>();
     scalar_t* num_p = num.data_ptr<scalar_t>();
     scalar_t* den_p = den.data_ptr<scalar_t>();
+    const Scan sc(lam);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> G(T + 1);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n = clamp_length(len[b], T);
         potentials(pf + b * T, pt + b * (T + 1), r + b * (T + 1), n, G.data());
         double M0 = 1.0, M1 = 0.0, M2 = 0.0;  // moments of the pairs (i, 1), centred on G[0]
-        double acc_num = 0.0, acc_den = 0.0;
+        double acc_num = 0.0, acc_den = 0.0, start = 1.0;
         for (int64_t j = 1; j <= n; ++j) {
           const double d = G[j] - G[j - 1];
           const double A0 = M0, A1 = M1 + d * M0, A2 = M2 + 2.0 * d * M1 + d * d * M0;
-          acc_num += A2;
-          acc_den += A0;
-          M0 = lam * A0 + 1.0;
-          M1 = lam * A1;
-          M2 = lam * A2;
+          acc_num = sc.decay * acc_num + A2;
+          acc_den = sc.decay * acc_den + A0;
+          start *= sc.decay;  // weight of the pair start i = j, relative to the current scale
+          M0 = sc.carry * A0 + start;
+          M1 = sc.carry * A1;
+          M2 = sc.carry * A2;
         }
         num_p[b] = static_cast<scalar_t>(acc_num);
         den_p[b] = static_cast<scalar_t>(acc_den);
@@ -134,35 +155,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subtb_backward(
     scalar_t* dpf = d_pf.data_ptr<scalar_t>();
     scalar_t* dpt = d_pt.data_ptr<scalar_t>();
     scalar_t* dr = d_r.data_ptr<scalar_t>();
+    const Scan sc(lam);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> G(T + 1), A1(T + 1);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n = clamp_length(len[b], T);
         if (n == 0) continue;
         potentials(pf + b * T, pt + b * (T + 1), r + b * (T + 1), n, G.data());
-        // Forward scan: first moments of the pairs ending at each j.
-        double M0 = 1.0, M1 = 0.0;
+        // Forward scan: first moments of the pairs ending at each j, at the final scale.
+        double M0 = 1.0, M1 = 0.0, start = 1.0;
         A1[0] = 0.0;
         for (int64_t j = 1; j <= n; ++j) {
           const double d = G[j] - G[j - 1];
-          A1[j] = M1 + d * M0;
-          M1 = lam * A1[j];
-          M0 = lam * M0 + 1.0;
+          const double a1 = M1 + d * M0;
+          A1[j] = a1 * sc.pow(n - j);
+          start *= sc.decay;
+          M1 = sc.carry * a1;
+          M0 = sc.carry * M0 + start;
         }
         // Reverse scan: pairs starting at each k, gradients, suffix sum for log_pf.
         const double two_g = 2.0 * g[b];
-        double R0 = 0.0, R1 = 0.0, suffix = 0.0;
+        double R0 = 0.0, R1 = 0.0, suffix = 0.0, end = 1.0;
         scalar_t* dpf_b = dpf + b * T;
         scalar_t* dpt_b = dpt + b * (T + 1);
         scalar_t* dr_b = dr + b * (T + 1);
         for (int64_t k = n; k >= 0; --k) {
           if (k < n) {
             const double e = G[k + 1] - G[k];
-            R1 = e + lam * (R1 + e * R0);
-            R0 = 1.0 + lam * R0;
+            R1 = e * end + sc.carry * (R1 + e * R0);
+            R0 = end + sc.carry * R0;
+            end *= sc.decay;  // lam^-(n-k): the pair (k-1, k) at the scale of the next step
             dpf_b[k] = static_cast<scalar_t>(suffix);
           }
-          const double dG = two_g * (A1[k] - R1);
+          const double dG = two_g * (A1[k] - R1 * sc.pow(k));
           dpt_b[k] = static_cast<scalar_t>(dG);
           dr_b[k] = static_cast<scalar_t>(-dG);
           suffix += dG;

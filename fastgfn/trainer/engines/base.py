@@ -64,6 +64,17 @@ def adamw_with_schedule(params, cfg, fused: bool = False):
     return optimizer, scheduler
 
 
+def reapply_schedule(scheduler, cfg) -> None:
+    """After loading a checkpoint whose learning rate, weight decay or schedule differ from
+    ``cfg``: the optimizer's groups take ``cfg``'s values at the scheduler's current step
+    (a loaded checkpoint otherwise brings its own back)."""
+    scheduler.base_lrs = [cfg.lr] * len(scheduler.optimizer.param_groups)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * lr_factor(scheduler.last_epoch, cfg)
+        group["weight_decay"] = cfg.weight_decay
+
+
 ENGINE_META = "engine.json"
 
 

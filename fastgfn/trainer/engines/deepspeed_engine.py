@@ -9,6 +9,14 @@ the last.
 A checkpoint saved by K processes resumes in K' != K processes through DeepSpeed's universal
 checkpoint (converted once, on rank 0, into ``<checkpoint>/universal``); a checkpoint of the
 torch engine or of another ZeRO stage is refused with a ``ValueError`` that says what to do.
+DeepSpeed's files are read with ``weights_only=True`` (``safe_load.py``): loading or converting
+a checkpoint runs no code from it.
+
+Non-finite gradients: ZeRO-1/2/3 skip the optimizer step themselves when the gradient norm is
+not finite (DeepSpeed's overflow check, which also runs for fp32 and reads the norm on the
+host); the schedule is stepped here for such a step, so it follows the trainer's step count
+as with the torch engine. Without ZeRO (stage 0) the fused AdamW gets the norm's flag as
+``found_inf``, as in the torch engine.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import torch
 
 from fastgfn.trainer.engines.base import adamw_with_schedule, read_engine_meta, write_engine_meta
 from fastgfn.trainer.engines.distributed import comm_device, rank, world_size, zero_stage
+from fastgfn.trainer.engines.safe_load import weights_only_loads
+from fastgfn.trainer.errors import CheckpointError, IncompatibleCheckpointError
 
 
 def load_ds_config(cfg) -> dict:
@@ -48,7 +58,8 @@ class DeepSpeedEngine:
         self.cfg = cfg
         self.ds_config = ds_config
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer, scheduler = adamw_with_schedule(params, cfg)
+        # stage 0 steps this optimizer itself: fused, so a step can be skipped (found_inf)
+        optimizer, scheduler = adamw_with_schedule(params, cfg, fused=zero_stage(ds_config) == 0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -63,11 +74,31 @@ class DeepSpeedEngine:
         if self._micro < self.cfg.grad_accum:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-batch
 
-    def step(self) -> float:
+    def step(self) -> tuple[float, bool]:
+        """The boundary step; returns ``(grad norm, skipped)``."""
+        norm = self._skip_nonfinite_stage0() if self.zero_stage == 0 else None
+        skipped_before = self.engine.skipped_steps
         self.engine.step()
         self._micro = 0
+        skipped = self.engine.skipped_steps > skipped_before
+        if skipped and self.scheduler is not None:
+            self.scheduler.step()  # DeepSpeed does not step the schedule for a skipped step
+        if norm is not None:
+            return float(norm), bool(not torch.isfinite(norm))
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return (float(norm) if norm is not None else float("nan")), skipped
+
+    def _skip_nonfinite_stage0(self) -> torch.Tensor:
+        """Stage 0: the gradient norm (gradients already all-reduced), and the fused AdamW
+        told to skip the step when it is not finite."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = torch.zeros((), device=self.device)
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.optimizer.grad_scale = None
+        self.optimizer.found_inf = (~torch.isfinite(norm)).float()
+        return norm
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
@@ -113,31 +144,33 @@ class DeepSpeedEngine:
         meta = read_engine_meta(directory)
         refuse_incompatible(directory, meta, self.zero_stage)
         if meta["world_size"] == world_size():
-            path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
+            with weights_only_loads():
+                path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name)
         else:
             universal = ensure_universal_checkpoint(directory)
             config = self.engine._config
             config.load_universal_checkpoint = True  # read at load time only
             try:
-                path, _ = self.engine.load_checkpoint(str(directory), tag=universal.name)
+                with weights_only_loads():
+                    path, _ = self.engine.load_checkpoint(str(directory), tag=universal.name)
             finally:
                 config.load_universal_checkpoint = False
         if path is None:
-            raise ValueError(f"resume: DeepSpeed could not load checkpoint {str(directory)!r}")
+            raise CheckpointError(f"resume: DeepSpeed could not load checkpoint {str(directory)!r}")
 
 
 def refuse_incompatible(directory: Path, meta: dict, zero_stage: int) -> None:
     """A checkpoint of the torch engine or of another ZeRO stage: a ValueError saying what
     to do instead."""
     if meta["kind"] != DeepSpeedEngine.kind:
-        raise ValueError(
+        raise IncompatibleCheckpointError(
             f"resume: checkpoint {str(directory)!r} was written by one plain process (the "
             f"torch engine); this run is DeepSpeed ZeRO-{zero_stage}. Resume it without "
             "--deepspeed_config in one plain process, or start a new DeepSpeed run from its "
             "exported model directory"
         )
     if meta["zero_stage"] is not None and meta["zero_stage"] != zero_stage:
-        raise ValueError(
+        raise IncompatibleCheckpointError(
             f"resume: checkpoint {str(directory)!r} was saved under ZeRO-{meta['zero_stage']} "
             f"but this run's deepspeed_config is ZeRO-{zero_stage}; resume with a "
             f"ZeRO-{meta['zero_stage']} config (configs/ds_zero{meta['zero_stage']}.json), "
@@ -162,7 +195,7 @@ def ensure_universal_checkpoint(directory: Path) -> Path:
         torch.distributed.all_reduce(error)
     if error.item():
         detail = reason if rank() == 0 else "see rank 0"
-        raise ValueError(
+        raise CheckpointError(
             f"resume: checkpoint {str(directory)!r} was saved by another number of processes "
             f"and its conversion to a universal checkpoint failed ({detail}); resume with the "
             "world size that saved it, or convert it by hand: python -m "
@@ -185,7 +218,7 @@ def _convert_to_universal(directory: Path, out: Path) -> None:
         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
     )
     try:
-        with contextlib.redirect_stdout(None):
+        with contextlib.redirect_stdout(None), weights_only_loads():
             ds_to_universal.main(args)
         (directory / "latest_universal").unlink(missing_ok=True)
         os.replace(tmp, out)

@@ -1,7 +1,11 @@
 """``TorchEngine``: training in one plain process with torch AdamW (fused: one kernel over
 all parameters), linear warm-up and cosine decay, gradient clipping and accumulation.
 Checkpoints are a safetensors file of the weights and the optimizer state saved with tensors
-only (loaded with ``weights_only=True``)."""
+only (loaded with ``weights_only=True``).
+
+A step whose gradient norm is not finite is skipped on the device, with no host sync: the
+norm's flag is handed to the fused AdamW as ``found_inf`` (the mechanism ``GradScaler`` uses),
+which then leaves parameters and moments as they were; the gradients are zeroed as usual."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fastgfn.trainer.engines.base import adamw_with_schedule, read_engine_meta, write_engine_meta
+from fastgfn.trainer.errors import CheckpointError, IncompatibleCheckpointError
 
 
 class TorchEngine:
@@ -30,14 +35,22 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.grad_accum).backward()
 
-    def step(self) -> float:
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, step (skipped on the device when the norm is not finite), schedule, zero.
+        Returns ``(grad norm, skipped)`` as 0-d tensors on the device (read them later)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.tensor(0.0)
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip).detach()
+        else:
+            norm = torch.zeros((), device=self.device)
+        skipped = ~torch.isfinite(norm)
+        self.optimizer.grad_scale = None
+        self.optimizer.found_inf = skipped.to(device=self.device, dtype=torch.float32)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm, skipped
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -65,7 +78,7 @@ class TorchEngine:
 
         meta = read_engine_meta(directory)
         if meta["kind"] != self.kind:
-            raise ValueError(
+            raise IncompatibleCheckpointError(
                 f"resume: checkpoint {str(directory)!r} was written by the DeepSpeed engine "
                 f"(ZeRO-{meta['zero_stage']}, {meta['world_size']} process(es)); this run is one "
                 "plain process. Resume it under DeepSpeed with the same ZeRO stage (any number "
@@ -73,14 +86,23 @@ class TorchEngine:
                 f"ds_zero{meta['zero_stage']}.json ... --resume`), or start a new run from its "
                 "exported model directory"
             )
-        state = load_file(str(directory / "model.safetensors"))
+        state = _read(directory / "model.safetensors", lambda p: load_file(str(p)))
         missing, unexpected = self.module.load_state_dict(state, strict=False)
         missing = [k for k in missing if not _is_tied(self.module, k)]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
-        opt = torch.load(directory / "optimizer.pt", weights_only=True)
+        opt = _read(directory / "optimizer.pt", lambda p: torch.load(p, weights_only=True))
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+
+
+def _read(path: Path, load):
+    """``load(path)``, or a CheckpointError naming the file."""
+    try:
+        return load(path)
+    except Exception as exc:  # noqa: BLE001 (safetensors and torch raise their own types)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {first})") from None
 
 
 def _drop_shared(state: dict) -> None:

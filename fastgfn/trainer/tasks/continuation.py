@@ -40,9 +40,14 @@ from fastgfn.trainer.scoring import hidden_states, prefix_log_likelihoods
 from fastgfn.trainer.tasks.base import Task, termination_token
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """The prompts of a file, one a line (stripped; blank lines skipped)."""
-    return [x.strip() for x in Path(path).read_text().splitlines() if x.strip()]
+def read_prompts(path) -> list[str]:
+    """The non-empty lines of a prompts file (a ``ConfigError`` naming it if unreadable)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"data_path: cannot read the prompts file {str(path)!r} ({exc})"
+                          ) from None
+    return [x.strip() for x in text.splitlines() if x.strip()]
 
 
 def split_prompts(prompts: list[str], fraction: float, seed: int = 0):
@@ -106,12 +111,14 @@ class ContinuationTask(Task):
             raise ConfigError("data_path: the continuation task needs a prompts file")
         if not Path(cfg.data_path).is_file():
             raise ConfigError(f"data_path: no such prompts file {cfg.data_path!r}")
+        if not read_prompts(cfg.data_path):
+            raise ConfigError(f"data_path: the prompts file {cfg.data_path!r} holds no prompts")
 
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None):
+        prompts = read_prompts(cfg.data_path)
         try:
-            prompts, _ = split_prompts(read_prompts(cfg.data_path), cfg.heldout_fraction,
-                                       cfg.heldout_seed)
+            prompts, _ = split_prompts(prompts, cfg.heldout_fraction, cfg.heldout_seed)
         except ValueError as exc:
             raise ConfigError(f"{exc} ({cfg.data_path!r})") from exc
         return cls(tokenizer, prompts, reward, termination=cfg.termination,

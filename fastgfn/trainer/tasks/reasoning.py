@@ -42,25 +42,46 @@ from fastgfn.trainer.scoring import hidden_states
 from fastgfn.trainer.tasks.continuation import ContinuationTask
 
 
-def load_examples(path: str | Path, question_key: str, answer_key: str):
-    """``(questions, answers)`` as strings from a ``.json`` list or a ``.jsonl`` file."""
+def load_examples(path: str | Path, question_key: str, answer_key: str,
+                  key: str = "data_path"):
+    """``(questions, answers)`` as strings from a ``.json`` list or a ``.jsonl`` file; a
+    ``ConfigError`` naming ``key``, the file and the line for anything it cannot use."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data_path: no such data file {str(path)!r}")
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        items = json.loads(text)
+        raise FileNotFoundError(f"{key}: no such data file {str(path)!r}")
+    items = _read_items(path, key)
     if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-        raise ValueError(f"data_path: {str(path)!r} must hold a list of objects (or JSON lines)")
-    for key, name in ((question_key, "question_key"), (answer_key, "answer_key")):
-        missing = [i for i, x in enumerate(items) if key not in x]
+        raise ConfigError(f"{key}: {str(path)!r} must hold a list of objects (or JSON lines)")
+    if not items:
+        raise ConfigError(f"{key}: {str(path)!r} holds no examples")
+    for k, name in ((question_key, "question_key"), (answer_key, "answer_key")):
+        missing = [i for i, x in enumerate(items) if k not in x]
         if missing:
-            raise ValueError(
-                f"{name}: field {key!r} is missing from item {missing[0]} of {str(path)!r}"
+            raise ConfigError(
+                f"{name}: field {k!r} is missing from item {missing[0]} of {str(path)!r}"
             )
     return [str(x[question_key]) for x in items], [str(x[answer_key]) for x in items]
+
+
+def _read_items(path: Path, key: str):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {str(path)!r} ({exc})") from None
+    lines = enumerate(text.splitlines(), 1) if path.suffix == ".jsonl" else [(1, text)]
+    items = []
+    for n, line in lines:
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{key}: {str(path)!r} line {n + exc.lineno - 1}, column "
+                              f"{exc.colno}: invalid JSON ({exc.msg})") from None
+        if path.suffix != ".jsonl":
+            return item
+        items.append(item)
+    return items
 
 
 def check_templates(prompt_template: str, answer_template: str) -> None:
@@ -104,11 +125,13 @@ class LatentReasoningTask(ContinuationTask):
     def check_config(cls, cfg) -> None:
         if not cfg.data_path:
             raise ConfigError("data_path: the reasoning task needs a .json or .jsonl data file")
+        check_templates(cfg.prompt_template, cfg.answer_template)
         for key in ("data_path", "eval_data_path"):
             path = getattr(cfg, key)
             if path and not Path(path).is_file():
                 raise ConfigError(f"{key}: no such data file {path!r}")
-        check_templates(cfg.prompt_template, cfg.answer_template)
+            if path:  # read now, before any model loads: errors name the file and line
+                load_examples(path, cfg.question_key, cfg.answer_key, key)
 
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None, choices=None):
