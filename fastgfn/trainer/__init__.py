@@ -19,6 +19,7 @@ under DeepSpeed ZeRO-2/3. The files are the steps of a run:
     evaluation.py, report.py, metrics_log.py  evaluation, the final table, metrics files
     plots.py, model_card.py                   training curves; the exported model's card
     integrations/                             other tools (TRL); imported only by their users
+    continuation_eval/                        the continuation results table (a command)
 
 The library (``fastgfn`` itself: losses, ops, kernels) never imports this package.
 """

@@ -37,6 +37,10 @@ class Config:
     # task --------------------------------------------------------------------------------
     task: str = "random_number"  # "random_number", "continuation" or "reasoning"
     data_path: str | None = None  # continuation: prompts, one a line; reasoning: .json / .jsonl
+    heldout_fraction: float = 0.05  # continuation: prompts held out of training (the paper's
+    #   code trains on 95%), for `python -m fastgfn.trainer.continuation_eval`
+    heldout_seed: int = 0  # continuation: the split's own seed (not `seed`); < 0: the last
+    #   prompts of the file, as the paper's code splits
     question_key: str = "question"  # reasoning: the data's question and answer fields
     answer_key: str = "answer"
     prompt_template: str = "{question}"  # reasoning: the prompt X before the rationale
@@ -203,6 +207,8 @@ def _check_numbers(cfg: Config) -> None:
         raise ConfigError(f"illegal_token_bias: must be <= 0, got {cfg.illegal_token_bias}")
     if cfg.task_low > cfg.task_high:
         raise ConfigError(f"task_low: must be <= task_high ({cfg.task_high}), got {cfg.task_low}")
+    if not 0.0 <= cfg.heldout_fraction < 1.0:
+        raise ConfigError(f"heldout_fraction: must be in [0, 1), got {cfg.heldout_fraction!r}")
     end = cfg.reward_temperature_end
     if end is not None and not (end > 0 and math.isfinite(end)):
         raise ConfigError(f"reward_temperature_end: must be finite and > 0, got {end!r}")

@@ -18,10 +18,16 @@ The prompt is tokenized as it stands, without a trailing space: with byte-level 
 tokenizers (GPT-2, SmolLM2) a trailing space becomes a token of its own, after which the
 model rarely sees a word (words carry their leading space), and it continued with line
 breaks and digits instead of a sentence.
+
+Held-out prompts: ``from_config`` trains on a fixed part of the prompts file only;
+``split_prompts`` holds out ``heldout_fraction`` of them (the paper's code holds out 5%),
+chosen by ``heldout_seed`` alone (never the run's ``seed``), so every run and the evaluation
+command (``fastgfn.trainer.continuation_eval``) agree on which prompts training never sees.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -42,6 +48,32 @@ def read_prompts(path) -> list[str]:
         raise ConfigError(f"data_path: cannot read the prompts file {str(path)!r} ({exc})"
                           ) from None
     return [x.strip() for x in text.splitlines() if x.strip()]
+
+
+def split_prompts(prompts: list[str], fraction: float, seed: int = 0):
+    """``(train, heldout)``: ``round(fraction * len(prompts))`` prompts held out, the rest for
+    training, each list in file order. The held-out ones are a random subset drawn with
+    ``random.Random(seed)`` (the same on every machine and Python version); a negative
+    ``seed`` holds out the last prompts of the file, as the paper's code does."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"heldout_fraction: must be in [0, 1), got {fraction!r}")
+    n = len(prompts)
+    k = round(fraction * n)
+    if k >= n > 0:
+        raise ValueError(
+            f"heldout_fraction: {fraction} holds out all {n} prompts; nothing is left to train on"
+        )
+    if seed < 0:
+        held = set(range(n - k, n))
+    else:
+        held = set(random.Random(seed).sample(range(n), k))
+    train = [p for i, p in enumerate(prompts) if i not in held]
+    return train, [p for i, p in enumerate(prompts) if i in held]
+
+
+def heldout_prompts(cfg) -> list[str]:
+    """The prompts of ``cfg.data_path`` that training with ``cfg`` never sees."""
+    return split_prompts(read_prompts(cfg.data_path), cfg.heldout_fraction, cfg.heldout_seed)[1]
 
 
 class ContinuationTask(Task):
@@ -87,6 +119,10 @@ class ContinuationTask(Task):
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None):
         prompts = read_prompts(cfg.data_path)
+        try:
+            prompts, _ = split_prompts(prompts, cfg.heldout_fraction, cfg.heldout_seed)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} ({cfg.data_path!r})") from exc
         return cls(tokenizer, prompts, reward, termination=cfg.termination,
                    use_fused=cfg.use_fused_logprobs, illegal_token_bias=cfg.illegal_token_bias,
                    bias_in_policy=cfg.illegal_token_bias_in_policy)

@@ -1,0 +1,3 @@
+from fastgfn.trainer.continuation_eval.cli import main
+
+main()
