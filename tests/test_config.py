@@ -67,11 +67,14 @@ def test_shipped_configs_load_from_any_directory(tmp_path, monkeypatch):
 
     from fastgfn.trainer.config_loading import PACKAGED_CONFIGS
 
-    files = sorted(PACKAGED_CONFIGS.glob("*.yaml"))
-    assert {f.stem for f in files} >= {"random_number", "continuation", "reasoning_subj"}
+    files = sorted(PACKAGED_CONFIGS.rglob("*.yaml"))
+    names = {str(f.relative_to(PACKAGED_CONFIGS).with_suffix("")) for f in files}
+    assert names >= {"random_number", "continuation", "reasoning_subj", "paper/continuation",
+                     "paper/reasoning_subj"}
     monkeypatch.chdir(tmp_path)
     for f in files:
-        for name in (f"configs/{f.name}", f.name, f.stem):
+        rel = f.relative_to(PACKAGED_CONFIGS)
+        for name in (f"configs/{rel}", str(rel), str(rel.with_suffix(""))):
             cfg = load_config(name)
             for key in ("data_path", "eval_data_path", "deepspeed_config"):
                 value = getattr(cfg, key)
