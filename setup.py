@@ -101,7 +101,7 @@ setup(
             "matplotlib",
         ],
         # optional integrations and logging targets (docs/TRAINING.md)
-        "trl": ["trl==1.16.0"],
+        "trl": ["trl==1.16.0"],  # also the SFT/RL baselines (fastgfn.trainer.baselines)
         "tensorboard": ["tensorboard==2.21.0"],
         "wandb": ["wandb==0.31.0"],
         # the continuation evaluation's diversity metric (python -m
