@@ -80,7 +80,8 @@ setup(
     package_data={
         "fastgfn.kernels": ["cpu/*.cpp", "cpu/*.h"],
         "fastgfn": ["configs/*.yaml", "configs/*.json", "data/README.md",
-                    "data/gfn-lm-tuning/LICENSE", "data/gfn-lm-tuning/*/*"],
+                    "data/gfn-lm-tuning/LICENSE", "data/gfn-lm-tuning/*/*",
+                    "data/stories/*", "configs/paper/*.yaml"],
     },
     ext_modules=[CMakeExtension("fastgfn._C")],
     cmdclass={"build_ext": CMakeBuild},
