@@ -126,9 +126,15 @@ def sft_trainer(model, tokenizer, examples: Sequence[SFTExample], args: SFTConfi
                 output_dir: str | Path = "runs/sft", **kwargs) -> SFTTrainer:
     """TRL's ``SFTTrainer`` on ``examples`` (``SFTExample``s), ready to ``train()``.
     ``tokenizer`` must be a Hugging Face tokenizer (TRL saves it with the model); ``args``
-    default to ``sft_config(output_dir)``; ``kwargs`` go to ``SFTTrainer``."""
+    default to ``sft_config(output_dir)``; ``kwargs`` go to ``SFTTrainer``. A model loaded
+    from a GGUF file (dequantised, but still marked quantized, which ``transformers.Trainer``
+    refuses to train) is first copied into a plain model: train and save ``trainer.model``."""
+    from fastgfn.trainer.models import exportable
+
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError("tokenizer: needs a pad token (set tokenizer.pad_token)")
+    if hasattr(model, "config"):
+        model = exportable(model)
     args = args if args is not None else sft_config(output_dir)
     train = examples_dataset(tokenizer, examples)
     evals = examples_dataset(tokenizer, eval_examples) if eval_examples else None
