@@ -143,7 +143,8 @@ def evaluate_story(i, args, task, models, setup, bertscore) -> dict:
     ref = task.reference(i).strip()
     out = {"beginning": task.stories[i].beginning, "ending": task.stories[i].ending,
            "reference": ref, "methods": {}}
-    for j, name in enumerate(args.methods):
+    for name in args.methods:  # a method's stream depends on its name: runs can be merged
+        j = list(METHODS).index(name)
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 1009 * i + j)
         prompt = task.reward_prompt_tokens(i) if name == "prompt_x" else task.prompt_tokens(i)
         t0 = time.time()
