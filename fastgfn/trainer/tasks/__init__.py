@@ -13,6 +13,7 @@ TASKS = {
     "random_number": ("fastgfn.trainer.tasks.random_number", "RandomNumberTask"),
     "continuation": ("fastgfn.trainer.tasks.continuation", "ContinuationTask"),
     "reasoning": ("fastgfn.trainer.tasks.reasoning", "LatentReasoningTask"),
+    "infilling": ("fastgfn.trainer.tasks.infilling", "StoryInfillingTask"),
 }
 
 

@@ -150,6 +150,12 @@ class LatentReasoningTask(ContinuationTask):
             bias_in_policy=cfg.illegal_token_bias_in_policy,
         )
 
+    def reward_prompt_tokens(self, index: int) -> torch.Tensor:
+        """The context X the reward LM scores the rationale and the answer after: the
+        policy's prompt here; a subclass may give the reward LM other text (the infilling
+        task's policy sees a template with the ending, its reward LM only the beginning)."""
+        return self.prompt_tokens(index)
+
     def answer_tokens(self, index: int) -> torch.Tensor:
         """Token ids of the answer text Y of question ``index`` (at least one)."""
         if index not in self._answer_ids:
@@ -183,8 +189,8 @@ class LatentReasoningTask(ContinuationTask):
         out = torch.zeros(len(rows), T + 1)
         with self.reward.frozen() as (model, dev):
             tokens = self._padded_rows(rows, T).to(dev)
-            h, cache = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens,
-                                     return_cache=True)
+            h, cache = hidden_states(model, self.reward_prompt_tokens(prompt_index).to(dev),
+                                     tokens, return_cache=True)
             if with_rationale:
                 out += self._prefix_log_rewards(model, h, tokens, T)
             ll = self._suffix_log_likelihood(model, cache, tokens, pairs, [answer] * len(pairs))
@@ -203,8 +209,8 @@ class LatentReasoningTask(ContinuationTask):
         pairs = [(b, len(row)) for b, row in enumerate(rows) for _ in choices]
         with self.reward.frozen() as (model, dev):
             tokens = self._padded_rows(rows, T).to(dev)
-            _, cache = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens,
-                                     return_cache=True)
+            _, cache = hidden_states(model, self.reward_prompt_tokens(prompt_index).to(dev),
+                                     tokens, return_cache=True)
             ll = self._suffix_log_likelihood(model, cache, tokens, pairs, ids * len(rows))
         return ll.view(len(rows), len(choices))
 
