@@ -24,6 +24,7 @@ from fastgfn.trainer import checkpoint, components
 from fastgfn.trainer.evaluation import evaluate
 from fastgfn.trainer.export import export_model, usage
 from fastgfn.trainer.metrics_log import MetricsLogger
+from fastgfn.trainer.precision import autocast
 from fastgfn.trainer.report import format_table, histogram
 from fastgfn.trainer.scoring import gfn_logprobs
 from fastgfn.trainer.signals import StopSignals
@@ -66,16 +67,17 @@ class Trainer:
 
     def _micro_step(self) -> dict:
         cfg, task, dev = self.cfg, self.task, self.engine.device
-        batch = self.rollouts.next_batch()
-        dead = self.objective.cut_dead_ends(task, batch.rows, batch.lengths)
-        log_r = task.log_rewards(batch.prompt_index, batch.rows, batch.width)
-        temperature = self.objective.reward_temperature(self.step)
-        log_pf, log_pterm = gfn_logprobs(
-            self.engine.module, task.prompt_tokens(batch.prompt_index).to(dev),
-            batch.tokens.to(dev), task.termination_token_id, use_fused=cfg.use_fused_logprobs,
-        )
-        loss = self.objective.loss(log_pf, log_pterm, (log_r / temperature).to(dev),
-                                   batch.lengths.to(dev), dead)
+        with autocast(cfg, dev):  # mixed_precision (precision.py); the backward runs outside
+            batch = self.rollouts.next_batch()
+            dead = self.objective.cut_dead_ends(task, batch.rows, batch.lengths)
+            log_r = task.log_rewards(batch.prompt_index, batch.rows, batch.width)
+            temperature = self.objective.reward_temperature(self.step)
+            log_pf, log_pterm = gfn_logprobs(
+                self.engine.module, task.prompt_tokens(batch.prompt_index).to(dev),
+                batch.tokens.to(dev), task.termination_token_id, use_fused=cfg.use_fused_logprobs,
+            )
+            loss = self.objective.loss(log_pf, log_pterm, (log_r / temperature).to(dev),
+                                       batch.lengths.to(dev), dead)
         self.engine.backward(loss)
         final = log_r.gather(1, batch.lengths[:, None]).squeeze(1)  # untempered
         self.rollouts.remember(batch, final.tolist())
