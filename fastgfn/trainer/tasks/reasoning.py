@@ -169,6 +169,11 @@ class LatentReasoningTask(ContinuationTask):
         STOP)`` for the first t tokens of ``rows[b]``; 0 past a row's length."""
         return self._scores(prompt_index, rows, T, with_rationale=False)
 
+    def reward_prompt_tokens(self, index: int) -> torch.Tensor:
+        """What the reward LM reads before the rationale: the policy's prompt X (a task may
+        put more before it, as the arithmetic task's few-shot examples)."""
+        return self.prompt_tokens(index)
+
     @torch.no_grad()
     def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:
         """``log p_LM(z_1..z_t STOP | X) + log p_LM(Y | X z_1..z_t STOP)``, ``[len(rows), T+1]``
@@ -176,15 +181,30 @@ class LatentReasoningTask(ContinuationTask):
         loss). One pass over the rationales serves both terms."""
         return self._scores(prompt_index, rows, T, with_rationale=True)
 
-    def _scores(self, prompt_index, rows, T, with_rationale: bool) -> torch.Tensor:
+    @torch.no_grad()
+    def state_log_rewards(self, prompt_index: int, rows: list[list[int]], T: int,
+                          states: torch.Tensor | None = None) -> torch.Tensor:
+        """``log_rewards`` at the states only (rows with tool tokens): the answer term runs
+        for the prefixes that are states, not for every token prefix."""
+        if states is None:
+            return self.log_rewards(prompt_index, rows, T)
+        states = states.cpu()
+        prefixes = [sorted(set(s)) for s in states.tolist()]
+        return self._scores(prompt_index, rows, T, True, prefixes).gather(1, states)
+
+    def _scores(self, prompt_index, rows, T, with_rationale: bool, prefixes=None):
+        """``[len(rows), T + 1]``: the scores of every prefix of every row, or with
+        ``prefixes`` (per row, prefix lengths) the answer term only at those (0 elsewhere)."""
         self._check_rows(prompt_index, rows, T)
-        pairs = [(b, t) for b, row in enumerate(rows) for t in range(len(row) + 1)]
+        if prefixes is None:
+            prefixes = [range(len(row) + 1) for row in rows]
+        pairs = [(b, t) for b in range(len(rows)) for t in prefixes[b]]
         answer = self.answer_tokens(prompt_index)
         out = torch.zeros(len(rows), T + 1)
         with self.reward.frozen() as (model, dev):
             tokens = self._padded_rows(rows, T).to(dev)
-            h, cache = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens,
-                                     return_cache=True)
+            h, cache = hidden_states(model, self.reward_prompt_tokens(prompt_index).to(dev),
+                                     tokens, return_cache=True)
             if with_rationale:
                 out += self._prefix_log_rewards(model, h, tokens, T)
             ll = self._suffix_log_likelihood(model, cache, tokens, pairs, [answer] * len(pairs))
@@ -203,8 +223,8 @@ class LatentReasoningTask(ContinuationTask):
         pairs = [(b, len(row)) for b, row in enumerate(rows) for _ in choices]
         with self.reward.frozen() as (model, dev):
             tokens = self._padded_rows(rows, T).to(dev)
-            _, cache = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens,
-                                     return_cache=True)
+            _, cache = hidden_states(model, self.reward_prompt_tokens(prompt_index).to(dev),
+                                     tokens, return_cache=True)
             ll = self._suffix_log_likelihood(model, cache, tokens, pairs, ids * len(rows))
         return ll.view(len(rows), len(choices))
 
