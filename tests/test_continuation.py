@@ -200,8 +200,10 @@ def test_training_learns_the_tempered_target(tmp_path):
     """SubTB training on the continuation task moves the policy to R = p_frozen^(1/T): the
     exact KL between target and policy over all 1-2 token continuations (both directions)
     drops by more than half, and the mean log-reward of the policy's own samples rises
-    (T < 1 favours likely text). Measured: KL(target||policy) 0.87 -> 0.19, KL(policy||target)
-    4.5 -> 0.35, mean log-reward -13.6 -> -7.9 (about 25 s on a 2-core CPU)."""
+    (T < 1 favours likely text). Measured with seed 1: KL(target||policy) 0.85 -> 0.08,
+    KL(policy||target) 1.51 -> 0.11, mean log-reward -11.2 -> -7.8 (about 12 s on a 2-core CPU).
+    Over seeds 1-5 at these settings four runs end below 0.08 in both directions and one (seed 2)
+    at 0.44 / 1.13; at lr 3e-3 the reverse KL of some seeds grows, so the rate stays at 1e-3."""
     from fastgfn.trainer import Trainer
 
     torch.manual_seed(0)
@@ -211,7 +213,7 @@ def test_training_learns_the_tempered_target(tmp_path):
     cfg = load_config(None, [
         "model=tiny", "tiny_hidden=32", "tiny_layers=2", "task=continuation",
         f"data_path={prompts}", "termination=.", "batch_size=32", "max_new_tokens=2",
-        "min_new_tokens=1", "steps=200", f"reward_temperature={T}", "lr=3e-3",
+        "min_new_tokens=1", "steps=400", f"reward_temperature={T}", "lr=1e-3",
         "warmup_steps=0", "lr_schedule=constant", "log_z_lr=0.05", "replay_prob=0.25",
         "explore_prob=0.25", "explore_vocab_prob=0", "progress=false", "tensorboard=false",
         "eval_samples=0", "sample_dtype=model", "seed=1", f"output_dir={tmp_path / 'o'}",

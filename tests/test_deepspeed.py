@@ -411,3 +411,30 @@ def test_nan_steps_skipped_and_checkpoints_never_unpickled(tmp_path):
         assert not (look / f"pwned_{stem}").exists()
     out = res.stdout + res.stderr
     assert "refused: it holds pickled objects" in out and "model_states.pt" in out
+
+
+def test_infilling_task_under_zero3(tmp_path):
+    """The story-infilling task on 2 ZeRO-3 processes that sample different stories (prompts
+    and reward contexts of different lengths) and middles of different lengths: the reward
+    LM's passes (the middles, then STOP Y after every prefix) run on the partitioned model
+    without a hang, the losses are finite, and the export gathers a loadable model."""
+    from transformers import AutoModelForCausalLM
+
+    fixture = ROOT / "fastgfn" / "data" / "stories" / "fixture.csv"
+    extra = [
+        "task=infilling",
+        f"data_path={fixture}",
+        "prompt_template=B: {beginning} E: {ending} M:",
+        "heldout_fraction=0.25",
+        "termination=.",
+        "max_new_tokens=4",
+        "steps=3",
+        "loss=subtb",
+        "log_z_auto_init=true",
+        "same_data_all_ranks=false",
+    ]
+    _launch(_ds(3), tmp_path / "run", extra)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.hidden_size == 32

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fastgfn"
 HEAVY = ("transformers", "deepspeed", "peft", "accelerate", "trl")
 INTEGRATIONS = "fastgfn.trainer.integrations"  # imported only by their users (optional extras)
+BASELINES = "fastgfn.trainer.baselines"  # the TRL baselines (SFT, RL): the same rule
+OPTIONAL = (INTEGRATIONS, BASELINES)
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
@@ -69,15 +71,15 @@ def test_library_never_imports_the_engine_or_the_training_stack():
 
 
 def test_integrations_are_imported_only_by_their_users():
-    """``fastgfn.trainer.integrations`` (TRL, an optional extra) is never imported by the
-    library or the engine, and TRL is imported nowhere else: ``import fastgfn`` and a
-    ``python -m fastgfn.train`` run work without TRL installed."""
+    """``fastgfn.trainer.integrations`` and ``fastgfn.trainer.baselines`` (TRL, an optional
+    extra) are never imported by the library or the engine, and TRL is imported nowhere else:
+    ``import fastgfn`` and a ``python -m fastgfn.train`` run work without TRL installed."""
     bad = []
     for module, imports in _graph().items():
-        if module.startswith(INTEGRATIONS):
+        if module.startswith(OPTIONAL):
             continue
         for imp in imports:
-            if imp.startswith(INTEGRATIONS) or imp.split(".")[0] == "trl":
+            if imp.startswith(OPTIONAL) or imp.split(".")[0] == "trl":
                 bad.append(f"{module} imports {imp}")
     assert not bad, bad
 

@@ -20,6 +20,8 @@ under DeepSpeed ZeRO-2/3. The files are the steps of a run:
     plots.py, model_card.py                   training curves; the exported model's card
     integrations/                             other tools (TRL); imported only by their users
     continuation_eval/                        the continuation results table (a command)
+    infilling_eval/                           the story-infilling results table (a command)
+    baselines/                                SFT (TRL); imported only by their users
 
 The library (``fastgfn`` itself: losses, ops, kernels) never imports this package.
 """

@@ -35,7 +35,8 @@ class Config:
     lora_dropout: float = 0.0
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
     # task --------------------------------------------------------------------------------
-    task: str = "random_number"  # "random_number", "continuation", "reasoning", "arithmetic"
+    task: str = "random_number"  # "random_number", "continuation", "reasoning", "infilling"
+    #   or "arithmetic"
     data_path: str | None = None  # continuation: prompts, one a line; reasoning: .json / .jsonl
     heldout_fraction: float = 0.05  # continuation: prompts held out of training (the paper's
     #   code trains on 95%), for `python -m fastgfn.trainer.continuation_eval`
@@ -43,7 +44,12 @@ class Config:
     #   prompts of the file, as the paper's code splits
     question_key: str = "question"  # reasoning: the data's question and answer fields
     answer_key: str = "answer"
-    prompt_template: str = "{question}"  # reasoning: the prompt X before the rationale
+    story_columns: list[str] = field(default_factory=lambda: [
+        f"sentence{i}" for i in range(1, 6)])  # infilling: the story's sentence columns in
+    #   order (ROCStories' sentence1..sentence5; a comma list or a YAML list)
+    infill_column: str = "sentence4"  # infilling: the missing middle; before it X, after it Y
+    prompt_template: str = "{question}"  # reasoning: the prompt X before the rationale;
+    #   infilling: the policy's prompt from {beginning} and {ending}
     answer_template: str = " The answer is {answer}."  # reasoning: Y, scored after X z STOP
     rationale_key: str = "str_rationale"  # arithmetic: the worked rationale of the few-shot
     #   examples (the data's format "6 - 0 =, 6 - 4 =", tool results filled in)

@@ -21,6 +21,9 @@ TASKS = {
     "reasoning": "sample a latent rationale z in proportion to the posterior "
                  "p(z | X) p(Y | X z) of rationales that explain the known answer Y "
                  "(sections 4.3-4.4)",
+    "infilling": "fill in the missing middle sentence z of a story given its beginning X and "
+                 "ending Y, sampled in proportion to p(z | X) p(Y | X z) under the frozen "
+                 "reward LM (section 4.2)",
 }
 OBJECTIVES = {
     "subtb": "modified sub-trajectory balance (SubTB, lambda = {subtb_lambda}): every prefix "

@@ -28,9 +28,9 @@ card. Inside, a step is fastgfn's:
 3. **score** ``log_pf``/``log_pterm`` with ``fastgfn.causal_lm_gfn_logprobs`` (the lm_head
    fused with the log-softmax) in one pass through the wrapped model's forward, so DDP and
    DeepSpeed see a normal forward;
-4. **loss**: ``fastgfn.vargrad_loss`` per prompt group, or the engine's ``Objective`` (TB with a
-   learned log Z, SubTB/DB with the s0 flow from log Z), log Z stepped by its own Adam after
-   each optimizer step.
+4. **loss**: ``fastgfn.vargrad_loss`` per prompt group, or the engine's ``Objective``
+   (``trl_objective.py``: s0's flow from the policy with several prompts, else a learned log Z
+   stepped by its own Adam after each optimizer step).
 
 The trainer sends no telemetry.
 """
@@ -43,7 +43,6 @@ import random
 import textwrap
 import time
 from collections import defaultdict
-from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -56,7 +55,12 @@ import fastgfn
 from fastgfn.lm_logprobs import causal_lm_gfn_logprobs
 from fastgfn.trainer.engines.distributed import all_ranks_agree, rank_seed
 from fastgfn.trainer.integrations import trl_rewards
-from fastgfn.trainer.integrations.trl_config import PREFIX_LOSSES, GFNConfig, check_dataset
+from fastgfn.trainer.integrations.trl_config import (
+    PREFIX_LOSSES,
+    GFNConfig,
+    check_dataset,
+    objective_config,
+)
 from fastgfn.trainer.models import disable_dropout, eval_mode
 from fastgfn.trainer.objective import Objective
 from fastgfn.trainer.replay import ReplayBuffer
@@ -82,27 +86,6 @@ def _add_gfn_forward(model) -> None:
         return causal_lm_gfn_logprobs(body, **gfn_inputs)
 
     model.forward = forward
-
-
-def _distinct_prompts(dataset) -> int:
-    return len({repr(row["prompt"]) for row in dataset})
-
-
-def _objective_config(args: GFNConfig, num_prompts: int) -> SimpleNamespace:
-    """The engine ``Objective``'s keys, from the TRL config."""
-    return SimpleNamespace(
-        loss=args.loss, subtb_lambda=args.subtb_lambda, log_z_init=args.log_z_init,
-        log_z_lr=args.log_z_lr, log_z_auto_init=args.log_z_auto_init,
-        min_new_tokens=args.min_completion_length, reward_temperature=args.reward_temperature,
-        reward_temperature_end=args.reward_temperature_end,
-        reward_temperature_steps=args.reward_temperature_steps, dead_ends=False,
-        # with several prompts SubTB/DB take s0's flow from the policy itself (no log Z, as
-        # the engine does; states shorter than the minimum length get the floor reward); with
-        # one prompt, and for TB, one learned scalar log Z (TB: right for one prompt, or for
-        # prompts with similar normalisers)
-        initial_flow="policy" if args.loss in ("subtb", "db") and num_prompts > 1
-        else "global_log_z",
-        min_length_log_reward=-99.0)
 
 
 class _ObjectiveStep(TrainerCallback):
@@ -162,8 +145,7 @@ class GFNTrainer(_BaseTrainer):
                          processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
         device = self.accelerator.device
-        self.objective = Objective(_objective_config(args, _distinct_prompts(train_dataset)),
-                                   device)
+        self.objective = Objective(objective_config(args, train_dataset), device)
         self.buffer = ReplayBuffer(args.replay_size, args.replay_min_distance)
         seed = rank_seed(args.seed, self.accelerator.process_index)
         self._py_rng = random.Random(seed)

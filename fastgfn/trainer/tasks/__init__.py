@@ -14,6 +14,7 @@ TASKS = {
     "continuation": ("fastgfn.trainer.tasks.continuation", "ContinuationTask"),
     "reasoning": ("fastgfn.trainer.tasks.reasoning", "LatentReasoningTask"),
     "arithmetic": ("fastgfn.trainer.tasks.arithmetic", "ArithmeticTask"),
+    "infilling": ("fastgfn.trainer.tasks.infilling", "StoryInfillingTask"),
 }
 
 

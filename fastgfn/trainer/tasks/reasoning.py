@@ -150,6 +150,13 @@ class LatentReasoningTask(ContinuationTask):
             bias_in_policy=cfg.illegal_token_bias_in_policy,
         )
 
+    def reward_prompt_tokens(self, index: int) -> torch.Tensor:
+        """The context X the reward LM scores the rationale and the answer after: the
+        policy's prompt here; a subclass may give the reward LM other text (the infilling
+        task's policy sees a template with the ending, its reward LM only the beginning; the
+        arithmetic task's reward LM reads few-shot examples before the question)."""
+        return self.prompt_tokens(index)
+
     def answer_tokens(self, index: int) -> torch.Tensor:
         """Token ids of the answer text Y of question ``index`` (at least one)."""
         if index not in self._answer_ids:
@@ -168,11 +175,6 @@ class LatentReasoningTask(ContinuationTask):
         """``[len(rows), T + 1]`` float32: entry ``[b, t]`` is ``log p_LM(Y | X z_1..z_t
         STOP)`` for the first t tokens of ``rows[b]``; 0 past a row's length."""
         return self._scores(prompt_index, rows, T, with_rationale=False)
-
-    def reward_prompt_tokens(self, index: int) -> torch.Tensor:
-        """What the reward LM reads before the rationale: the policy's prompt X (a task may
-        put more before it, as the arithmetic task's few-shot examples)."""
-        return self.prompt_tokens(index)
 
     @torch.no_grad()
     def log_rewards(self, prompt_index: int, rows: list[list[int]], T: int) -> torch.Tensor:

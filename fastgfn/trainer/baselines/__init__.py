@@ -1,0 +1,8 @@
+"""The baselines the paper compares GFlowNet fine-tuning with, built on TRL (``pip install
+'fastgfn[trl]'``). Like ``fastgfn.trainer.integrations``, each module here is imported only by
+its users (the baseline commands and the tests), never by ``fastgfn`` or the engine, so TRL
+stays an optional extra.
+
+    sft.py   supervised fine-tuning on (prompt, completion) examples with an optional
+             per-token loss mask: a thin wrapper of TRL's SFTTrainer
+"""

@@ -1,0 +1,3 @@
+from fastgfn.trainer.infilling_eval.cli import main
+
+main()
