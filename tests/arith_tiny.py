@@ -10,23 +10,27 @@ import torch
 from fastgfn.trainer.tools.calculator import complete_rationale
 
 
-def arithmetic_text(rng: random.Random) -> str:
+def arithmetic_text(rng: random.Random, compact: bool = False) -> str:
     """A worked problem in the data's format: "Question: 3 + 5 - 2 = ? Answer: 3 + 5 = 8,
-    8 - 2 = 6." (the results filled in by the calculator)."""
-    n = rng.randint(3, 4)
+    8 - 2 = 6." (the results filled in by the calculator); ``compact``: 2 to 4 operands and
+    no spaces but the calculator's, "Question: 3+5-2=? Answer: 3+5= 8,8-2= 6."."""
+    n = rng.randint(2, 4) if compact else rng.randint(3, 4)
     xs = [rng.randint(0, 9) for _ in range(n)]
     ops = [rng.choice("+-") for _ in range(n - 1)]
-    question = " ".join([str(xs[0])] + [f"{o} {x}" for o, x in zip(ops, xs[1:])])
+    sp, sep = ("", ",") if compact else (" ", ", ")
+    question = sp.join([str(xs[0])] + [f"{o}{sp}{x}" for o, x in zip(ops, xs[1:])])
     steps, v = [], xs[0]
     for o, x in zip(ops, xs[1:]):
-        steps.append(f"{v} {o} {x} =")
+        steps.append(f"{v}{sp}{o}{sp}{x}{sp}=")
         v = v + x if o == "+" else v - x
-    return f"Question: {question} = ? Answer: " + complete_rationale(", ".join(steps)) + "."
+    return (f"Question: {question}{sp}={sp}? Answer:{sp}"
+            + complete_rationale(sep.join(steps)) + ".")
 
 
-def pretrained_state(hidden: int = 32, steps: int = 300, seed: int = 0) -> dict:
+def pretrained_state(hidden: int = 32, steps: int = 300, seed: int = 0,
+                     compact: bool = False) -> dict:
     """The tiny model (``tiny_hidden=hidden``, seed ``seed``) after ``steps`` AdamW steps of
-    next-token training on worked problems."""
+    next-token training on worked problems (``arithmetic_text``, ``compact`` or not)."""
     from fastgfn.trainer import load_config
     from fastgfn.trainer.models import build_tiny
 
@@ -38,7 +42,7 @@ def pretrained_state(hidden: int = 32, steps: int = 300, seed: int = 0) -> dict:
         rng = random.Random(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(steps):
-            ids = [tok.encode(arithmetic_text(rng)) for _ in range(16)]
+            ids = [tok.encode(arithmetic_text(rng, compact)) for _ in range(16)]
             L = max(map(len, ids))
             x = torch.tensor([i + [0] * (L - len(i)) for i in ids])
             keep = torch.tensor([[1.0] * (len(i) - 1) + [0.0] * (L - len(i)) for i in ids])
