@@ -80,6 +80,43 @@ def load_fewshot(path, question_key: str, answer_key: str, rationale_key: str, k
     return "".join(lines)
 
 
+def sft_pairs(cfg, tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
+    """The SFT baseline's examples (``python -m fastgfn.trainer.baselines.sft``): per training
+    problem, ``(prompt ids, completion ids, loss mask)``. The prompt is the policy's (the
+    question, after the few-shot prefix with ``fewshot_in_policy``); the completion is the
+    worked rationale as sampling with the calculator produces it: each step's text up to its
+    "=" encoded on its own (actions, in the loss), the calculator's result tokens (mask 0:
+    the policy never chooses them), then the termination token (in the loss)."""
+    from fastgfn.trainer.tools.calculator import result_text, step_expression
+
+    questions, _ = load_examples(cfg.data_path, cfg.question_key, cfg.answer_key)
+    items = _read_items(Path(cfg.data_path), "data_path")
+    prefix = ArithmeticTask._fewshot(cfg) if cfg.fewshot_in_policy else ""
+    term = tokenizer.encode(cfg.termination, add_special_tokens=False)
+    out = []
+    for i, (q, x) in enumerate(zip(questions, items)):
+        if cfg.rationale_key not in x:
+            raise ConfigError(f"data_path: item {i} has no field {cfg.rationale_key!r} "
+                              "(rationale_key), which SFT needs")
+        prompt = tokenizer.encode(prefix + cfg.prompt_template.format(question=q),
+                                  add_special_tokens=False)
+        ids, mask, text = [], [], ""
+        pieces = (" " + str(x[cfg.rationale_key])).split("=")
+        for k, piece in enumerate(pieces):
+            step = piece + ("=" if k < len(pieces) - 1 else "")
+            if not step:
+                continue
+            new = tokenizer.encode(step, add_special_tokens=False)
+            ids, mask, text = ids + new, mask + [1] * len(new), text + step
+            value = evaluate(step_expression(text) or "", max_operands=cfg.tool_max_operands,
+                         max_digits=cfg.tool_max_digits) if step.endswith("=") else None
+            if value is not None:
+                res = tokenizer.encode(result_text(value), add_special_tokens=False)
+                ids, mask, text = ids + res, mask + [0] * len(res), text + result_text(value)
+        out.append((prompt, ids + term, mask + [1] * len(term)))
+    return out
+
+
 class ArithmeticTask(LatentReasoningTask):
     name = "arithmetic"
 
