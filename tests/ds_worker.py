@@ -17,6 +17,9 @@ MODE
           NaN at step 2 (skipped?), then its newest checkpoint's model states replaced by a
           pickle that writes a marker file when unpickled (manifest rewritten to match), and
           a resume (the marker must never appear).
+  tool    the arithmetic task with the calculator: ``model=tiny`` builds the taught model
+          of ``OUT/taught.safetensors`` (tests/arith_tiny.py); counts, per rank, the sampled
+          rows, their tool tokens and actions, and the replay entries that kept a mask.
 """
 
 import json
@@ -235,6 +238,31 @@ def hostile(cfg, out: Path, ds_configs: list[str]) -> None:
         })
 
 
+def tool(cfg, out: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tests.arith_tiny import patch_build_tiny
+
+    patch_build_tiny(load_file(str(out / "taught.safetensors")))
+    tr = Trainer(cfg)
+    seen = {"rows": 0, "tool_tokens": 0, "actions": []}
+    real = tr.rollouts._sample
+
+    def counted(prompt_index):
+        batch = real(prompt_index)
+        for m in batch.masks():
+            seen["rows"] += 1
+            seen["tool_tokens"] += m.count(False)
+            seen["actions"].append(m.count(True))
+        return batch
+
+    tr.rollouts._sample = counted
+    tr.run()
+    entries = tr.buffer.state_dict()["entries"].values()
+    seen["masked_entries"] = sum(len(e) == 3 for v in entries for e in v)
+    _write(out, f"tool_rank{tr.rank}.json", seen)
+
+
 def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's
     mode, out = argv[0], Path(argv[1])
@@ -244,6 +272,8 @@ def main() -> None:
         ds_configs = args.deepspeed_config.split(",")
         args.deepspeed_config = ds_configs[0]
         {"restart": restart, "hostile": hostile}[mode](build_config(args), out, ds_configs)
+    elif mode == "tool":
+        tool(build_config(args), out)
     else:
         tr = Trainer(build_config(args))
         {"reward": reward, "resume": resume}[mode](tr, out)

@@ -485,3 +485,35 @@ def test_offload_follows_fastgfn_schedule_and_weight_decay(tmp_path):
     want = lrs(tmp_path / "torch")
     assert len(set(want)) >= 3  # the schedule moves the rate (warm-up, cosine decay)
     assert lrs(tmp_path / "ds") == pytest.approx(want, rel=1e-12)
+
+
+def test_arithmetic_tool_under_zero3(tmp_path):
+    """The arithmetic task with the calculator on 2 ZeRO-3 processes that sample different
+    questions: rows receive tool results at different steps on each rank (the sampler's
+    all-ranks "done" flag keeps the partitioned forwards paired), the loss reads actions
+    only, every rank's rows hold at most max_new_tokens actions, the losses are finite and
+    the replay buffer keeps the masks."""
+    from safetensors.torch import save_file
+
+    from tests.arith_tiny import pretrained_state
+
+    save_file(pretrained_state(), str(tmp_path / "taught.safetensors"))
+    extra = [
+        "--config", "configs/arithmetic.yaml",
+        "max_new_tokens=12",
+        "min_new_tokens=1",
+        "steps=3",
+        "loss=subtb",
+        "fewshot_examples=1",
+        "same_data_all_ranks=false",
+        "eval_questions=0",
+        "save_model=false",
+    ]
+    _launch(_ds(3), tmp_path / "run", extra, worker=("tool", str(tmp_path)))
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    for r in range(2):
+        seen = json.loads((tmp_path / f"tool_rank{r}.json").read_text())
+        assert seen["rows"] >= 8 and seen["tool_tokens"] > 0, seen
+        assert max(seen["actions"]) <= 12, seen
+        assert seen["masked_entries"] > 0, seen

@@ -37,7 +37,8 @@ class Config:
     lora_dropout: float = 0.0
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
     # task --------------------------------------------------------------------------------
-    task: str = "random_number"  # "random_number", "continuation", "reasoning" or "infilling"
+    task: str = "random_number"  # "random_number", "continuation", "reasoning", "infilling"
+    #   or "arithmetic"
     data_path: str | None = None  # continuation: prompts, one a line; reasoning: .json / .jsonl
     heldout_fraction: float = 0.05  # continuation: prompts held out of training (the paper's
     #   code trains on 95%), for `python -m fastgfn.trainer.continuation_eval`
@@ -52,6 +53,15 @@ class Config:
     prompt_template: str = "{question}"  # reasoning: the prompt X before the rationale;
     #   infilling: the policy's prompt from {beginning} and {ending}
     answer_template: str = " The answer is {answer}."  # reasoning: Y, scored after X z STOP
+    rationale_key: str = "str_rationale"  # arithmetic: the worked rationale of the few-shot
+    #   examples (the data's format "6 - 0 =, 6 - 4 =", tool results filled in)
+    fewshot_examples: int = 3  # arithmetic: examples in the reward LM's few-shot prompt
+    fewshot_path: str | None = None  # arithmetic: where they come from (default: data_path)
+    fewshot_in_policy: bool = False  # arithmetic: the policy's prompt has the few-shot prefix
+    #   too (the paper's policy sees the question only; its reward LM sees the examples)
+    tool: str = "none"  # "none" or "calculator": run by the sampler after its trigger tokens
+    tool_max_operands: int = 2  # calculator: operands of one step (2: a binary operation)
+    tool_max_digits: int = 6  # calculator: longer operands give no result
     prompt: str | None = None
     termination: str = ","
     task_low: int = 0
@@ -165,12 +175,13 @@ _CHOICES = {
     "sample_dtype": ("auto", "model", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "lr_schedule": ("constant", "cosine", "linear"),
+    "tool": ("none", "calculator"),
 }
 _POSITIVE = (
     "batch_size", "max_new_tokens", "steps", "lr", "grad_accum", "eval_batch_size",
     "reward_temperature", "explore_temp_low", "explore_temp_high", "tiny_hidden",
     "tiny_layers", "lora_r", "replay_size", "keep_checkpoints", "subtb_lambda",
-    "max_nonfinite_steps",
+    "max_nonfinite_steps", "tool_max_digits",
 )
 _NON_NEGATIVE = (
     "min_new_tokens", "warmup_steps", "grad_clip", "weight_decay", "eval_samples",
@@ -222,6 +233,16 @@ def _check_numbers(cfg: Config) -> None:
         raise ConfigError(f"reward_temperature_end: must be finite and > 0, got {end!r}")
 
 
+def _check_tool(cfg: Config, task) -> None:
+    from fastgfn.trainer.tasks.base import Task
+
+    if cfg.tool_max_operands < 2:
+        raise ConfigError(f"tool_max_operands: must be >= 2, got {cfg.tool_max_operands}")
+    if cfg.tool != "none" and cfg.dead_ends and task.dead_index is not Task.dead_index:
+        raise ConfigError(f"tool: task {cfg.task!r} has dead ends, which a tool does not "
+                          "support; set dead_ends=false or tool=none")
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges, choices and the task's own keys; raise ``ConfigError`` naming the key."""
     from fastgfn.trainer.tasks import task_class
@@ -245,6 +266,7 @@ def validate(cfg: Config) -> Config:
             f"reward_model: task {cfg.task!r} has no reward LM (only tasks scored by one take it)"
         )
     task.check_config(cfg)
+    _check_tool(cfg, task)
     if cfg.attn_implementation == "flash_attention_2":
         from fastgfn.trainer.models import require_flash_attn
 

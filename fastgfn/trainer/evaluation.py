@@ -58,6 +58,7 @@ def policy_samples(engine, task, cfg, prompt_index: int, n: int, generator,
         logit_bias=None if bias is None else bias.to(engine.device),
         pad_token_id=task.pad_token_id,
         generator=generator,
+        tool=task.tool(),
     )
 
 
@@ -84,7 +85,9 @@ def build_answer_task(cfg, task, tokenizer, reward):
 
         eval_cfg = dataclasses.replace(cfg, data_path=cfg.eval_data_path)
         answers |= set(load_examples(cfg.eval_data_path, cfg.question_key, cfg.answer_key)[1])
+        tool = task.tool()
         task = LatentReasoningTask.from_config(eval_cfg, tokenizer, reward, sorted(answers))
+        task.set_tool(tool)
     if len(answers) > MAX_ANSWER_CHOICES:
         raise ValueError(
             f"eval_rationales: answer accuracy scores every distinct answer and needs at "

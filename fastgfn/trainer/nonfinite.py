@@ -36,7 +36,7 @@ def report_rows(task, batch, rows: list[int], log_r: torch.Tensor, step: int, wh
     """One line naming the micro-batch's rows with non-finite rewards."""
     shown = []
     for b in rows[:4]:
-        values = log_r[b, : int(batch.lengths[b]) + 1]
+        values = log_r[b, : int(batch.num_actions[b]) + 1]
         bad = values[~torch.isfinite(values)]
         shown.append(f"row {b} {task.text(batch.rows[b])!r} (log R {float(bad[0])})")
     more = f" and {len(rows) - 4} more" if len(rows) > 4 else ""

@@ -7,6 +7,11 @@ paper's 0.25) fewer edits than ``relative_distance`` times the two sequences' su
 lengths. The buffer serialises to JSON (``state_dict`` / ``load_state_dict``), never pickle;
 a state read back is checked field by field (``check_state``). A non-finite log-reward never
 enters.
+
+Rows sampled with a tool mix actions and tool tokens: such a row is stored with its action
+mask (``add(..., action_mask=...)``; ``sample_with_masks`` gives it back), in JSON as a third
+field of its entry, a list of 1 (action) and 0 (tool token). An entry without one is all
+actions, so buffers saved before masks existed load unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class ReplayBuffer:
         self.min_distance = min_distance
         self.relative_distance = float(relative_distance)
         self.entries: dict[int, list[tuple[float, list[int]]]] = {}
+        # per prompt, the action masks of the stored sequences that have tool tokens
+        self.masks: dict[int, dict[tuple[int, ...], list[bool]]] = {}
 
     def near(self, a: list[int], b: list[int]) -> bool:
         """Whether ``a`` and ``b`` are near-duplicates (the thresholds above)."""
@@ -58,39 +65,66 @@ class ReplayBuffer:
     def size(self, prompt: int) -> int:
         return len(self.entries.get(prompt, []))
 
-    def add(self, prompt: int, tokens: list[int], log_reward: float) -> bool:
-        """Offer one sequence; return whether the buffer changed (never for a non-finite
-        log-reward)."""
+    def add(self, prompt: int, tokens: list[int], log_reward: float,
+            action_mask: list[bool] | None = None) -> bool:
+        """Offer one sequence (with its action mask when it has tool tokens); return whether
+        the buffer changed (never for a non-finite log-reward)."""
         log_reward = float(log_reward)
         if not math.isfinite(log_reward):
             return False
-        items = self.entries.setdefault(int(prompt), [])
+        prompt = int(prompt)
+        items = self.entries.setdefault(prompt, [])
         tokens = [int(t) for t in tokens]
+        mask = _normal_mask(action_mask, len(tokens))
         for k, (lr, seq) in enumerate(items):
             if seq == tokens:
                 return False
             if self.near(seq, tokens):
                 if log_reward > lr:
+                    self._forget(prompt, seq)
                     items[k] = (log_reward, tokens)
+                    self._remember(prompt, tokens, mask)
                     items.sort(key=lambda e: -e[0])
                     return True
                 return False
         if len(items) >= self.capacity:
             if log_reward <= items[-1][0]:
                 return False
-            items.pop()
+            self._forget(prompt, items.pop()[1])
         items.append((log_reward, tokens))
+        self._remember(prompt, tokens, mask)
         items.sort(key=lambda e: -e[0])
         return True
 
-    def add_batch(self, prompt: int, rows: list[list[int]], log_rewards) -> int:
-        return sum(self.add(prompt, r, float(lr)) for r, lr in zip(rows, log_rewards))
+    def _remember(self, prompt: int, seq: list[int], mask: list[bool] | None) -> None:
+        if mask is not None:
+            self.masks.setdefault(prompt, {})[tuple(seq)] = mask
+
+    def _forget(self, prompt: int, seq: list[int]) -> None:
+        self.masks.get(prompt, {}).pop(tuple(seq), None)
+
+    def mask(self, prompt: int, seq: list[int]) -> list[bool] | None:
+        """The action mask of a stored sequence (None: every token is an action)."""
+        return self.masks.get(int(prompt), {}).get(tuple(seq))
+
+    def add_batch(self, prompt: int, rows: list[list[int]], log_rewards,
+                  masks: list[list[bool]] | None = None) -> int:
+        masks = masks if masks is not None else [None] * len(rows)
+        return sum(self.add(prompt, r, float(lr), m)
+                   for r, lr, m in zip(rows, log_rewards, masks))
 
     def sample(self, prompt: int, n: int, rng: random.Random) -> list[list[int]]:
         items = self.entries.get(int(prompt), [])
         if not items:
             raise ValueError(f"replay buffer holds nothing for prompt {prompt}")
         return [list(items[rng.randrange(len(items))][1]) for _ in range(n)]
+
+    def sample_with_masks(self, prompt: int, n: int, rng: random.Random):
+        """``(rows, masks)``: ``sample``'s draws (the same random numbers) and each row's
+        action mask, all True for a row without tool tokens."""
+        rows = self.sample(prompt, n, rng)
+        masks = [self.mask(prompt, r) or [True] * len(r) for r in rows]
+        return rows, masks
 
     @staticmethod
     def to_tensors(rows: list[list[int]], pad_token_id: int = 0):
@@ -106,8 +140,13 @@ class ReplayBuffer:
             "capacity": self.capacity,
             "min_distance": self.min_distance,
             "relative_distance": self.relative_distance,
-            "entries": {str(p): [[lr, seq] for lr, seq in v] for p, v in self.entries.items()},
+            "entries": {str(p): [self._entry(p, lr, seq) for lr, seq in v]
+                        for p, v in self.entries.items()},
         }
+
+    def _entry(self, prompt: int, lr: float, seq: list[int]) -> list:
+        mask = self.mask(prompt, seq)
+        return [lr, seq] if mask is None else [lr, seq, [int(m) for m in mask]]
 
     def load_state_dict(self, state: dict, vocab_size: int | None = None,
                         num_prompts: int | None = None) -> None:
@@ -118,16 +157,34 @@ class ReplayBuffer:
         self.min_distance = int(state["min_distance"])
         self.relative_distance = float(state.get("relative_distance", 0.0))
         self.entries = {
-            int(p): [(float(lr), [int(t) for t in seq]) for lr, seq in v]
+            int(p): [(float(e[0]), [int(t) for t in e[1]]) for e in v]
             for p, v in state["entries"].items()
         }
+        self.masks = {}
+        for p, v in state["entries"].items():
+            for e in v:
+                self._remember(int(p), e[1], _normal_mask(e[2] if len(e) > 2 else None,
+                                                          len(e[1])))
 
     def resize(self, capacity: int) -> None:
         """A new capacity; a smaller one keeps each prompt's best ``capacity`` sequences."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
+        for p, v in self.entries.items():
+            for _, seq in v[capacity:]:
+                self._forget(p, seq)
         self.entries = {p: v[:capacity] for p, v in self.entries.items()}
+
+
+def _normal_mask(mask, n: int) -> list[bool] | None:
+    """An action mask as a list of bools of length ``n``; None when absent or all True."""
+    if mask is None:
+        return None
+    mask = [bool(m) for m in mask]
+    if len(mask) != n:
+        raise ValueError(f"action_mask: needs one entry per token ({n}), got {len(mask)}")
+    return None if all(mask) else mask
 
 
 def _is_int(x) -> bool:
@@ -137,7 +194,8 @@ def _is_int(x) -> bool:
 def check_state(state, vocab_size: int | None = None, num_prompts: int | None = None) -> None:
     """A replay buffer state (as JSON gives it back): ``capacity`` an int > 0, ``min_distance``
     an int >= 0, ``entries`` a mapping from prompt index (< ``num_prompts``) to at most
-    ``capacity`` pairs [finite log-reward, token ids in [0, ``vocab_size``)]. Raises a
+    ``capacity`` pairs [finite log-reward, token ids in [0, ``vocab_size``)], optionally with
+    a third field, the action mask (0/1 per token). Raises a
     ValueError naming the first field that is wrong."""
     if not isinstance(state, dict):
         raise ValueError(f"buffer: expected an object, got {type(state).__name__}")
@@ -168,9 +226,14 @@ def _check_prompt_entries(p, items, cap, vocab_size, num_prompts) -> None:
     if not isinstance(items, list) or len(items) > cap:
         raise ValueError(f"{where}: expected a list of at most {cap} entries")
     for i, item in enumerate(items):
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)):
-            raise ValueError(f"{where}[{i}]: expected [log_reward, [token ids]]")
-        lr, seq = item
+        if not (isinstance(item, list) and len(item) in (2, 3) and isinstance(item[1], list)):
+            raise ValueError(f"{where}[{i}]: expected [log_reward, [token ids]] or "
+                             "[log_reward, [token ids], [action mask]]")
+        lr, seq = item[:2]
+        if len(item) == 3 and not (isinstance(item[2], list) and len(item[2]) == len(seq)
+                                   and all(_is_int(m) and m in (0, 1) for m in item[2])):
+            raise ValueError(f"{where}[{i}]: the action mask must be a list of 0/1, one per "
+                             f"token ({len(seq)})")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
             raise ValueError(f"{where}[{i}]: log-reward must be a finite number, got {lr!r}")
         for t in seq:

@@ -41,6 +41,10 @@ def format_table(before: dict | None, after: dict) -> str:
         ("answer accuracy (majority vote)", "answer_accuracy_majority", "{:.4f}"),
         ("answer accuracy (mean probability)", "answer_accuracy", "{:.4f}"),
         ("answer accuracy (zero-shot)", "zero_shot_accuracy", "{:.4f}"),
+        ("terminated fraction", "terminated_fraction", "{:.4f}"),
+        ("rationales with an answer", "with_answer_fraction", "{:.4f}"),
+        ("arithmetic questions", "greedy_accuracy_questions", "{:d}"),
+        ("exact-match accuracy (greedy, tool)", "greedy_accuracy", "{:.4f}"),
     ]
     lines = [
         f"| {'metric':<36} | {'before':>10} | {'after':>10} |",

@@ -10,6 +10,10 @@ probability ``explore_prob`` per row, or per batch (``explore_mode``; temperatur
 ``explore_vocab_prob`` of rows restricted to the task's allowed tokens, and termination
 forbidden before ``min_new_tokens``. GFlowNet losses are off-policy, so any of these is a
 valid behaviour policy. Freshly sampled rows are offered to the buffer once scored.
+
+With the task's tool (``Task.tool()``), sampled rows mix actions and tool tokens; the batch
+carries the action mask (replayed rows get theirs from the buffer) and, from it, where each
+state is (``Batch.states``) and how many actions each row took (``Batch.num_actions``).
 """
 
 from __future__ import annotations
@@ -23,22 +27,40 @@ from fastgfn.trainer.engines.distributed import all_ranks_agree, world_size
 from fastgfn.trainer.models import eval_mode
 from fastgfn.trainer.replay import ReplayBuffer
 from fastgfn.trainer.sampling.sampler import draw_temperatures, sample
+from fastgfn.trainer.scoring import state_positions
 
 
 @dataclass
 class Batch:
     """Rows continuing one prompt: ``tokens [B, T]`` right-padded, ``lengths [B]``, and the
-    same rows as token lists (``rows``); ``replayed`` when they came from the buffer."""
+    same rows as token lists (``rows``); ``replayed`` when they came from the buffer.
+    ``action_mask [B, T]`` (with a tool) is False at tool tokens; ``states [B, S + 1]`` is then
+    where each state is (``scoring.state_positions``) and ``num_actions`` the actions per
+    row, the lengths the loss uses. Without a tool ``states`` is None and ``num_actions`` is
+    ``lengths``."""
 
     prompt_index: int
     tokens: torch.Tensor
     lengths: torch.Tensor
     rows: list[list[int]]
     replayed: bool
+    action_mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.action_mask is None:
+            self.states, self.num_actions = None, self.lengths
+        else:
+            self.states, self.num_actions = state_positions(self.action_mask, self.lengths)
 
     @property
     def width(self) -> int:
         return self.tokens.shape[1]
+
+    def masks(self) -> list[list[bool]] | None:
+        """Per row, whether each token is an action (None without a tool)."""
+        if self.action_mask is None:
+            return None
+        return [m[:len(r)] for m, r in zip(self.action_mask.tolist(), self.rows)]
 
 
 class Rollouts:
@@ -54,9 +76,17 @@ class Rollouts:
     def next_batch(self) -> Batch:
         prompt_index = self.py_rng.randrange(self.task.num_prompts())
         if self._replay(prompt_index):
-            rows = self.buffer.sample(prompt_index, self.cfg.batch_size, self.py_rng)
+            if self.task.tool() is None:
+                rows = self.buffer.sample(prompt_index, self.cfg.batch_size, self.py_rng)
+                tokens, lengths = ReplayBuffer.to_tensors(rows, self.task.pad_token_id)
+                return Batch(prompt_index, tokens, lengths, rows, True)
+            rows, masks = self.buffer.sample_with_masks(prompt_index, self.cfg.batch_size,
+                                                        self.py_rng)
             tokens, lengths = ReplayBuffer.to_tensors(rows, self.task.pad_token_id)
-            return Batch(prompt_index, tokens, lengths, rows, True)
+            mask = torch.zeros(tokens.shape, dtype=torch.bool)
+            for b, m in enumerate(masks):
+                mask[b, : len(m)] = torch.tensor(m, dtype=torch.bool)
+            return Batch(prompt_index, tokens, lengths, rows, True, mask)
         return self._sample(prompt_index)
 
     def _replay(self, prompt_index: int) -> bool:
@@ -103,10 +133,13 @@ class Rollouts:
                 pad_token_id=self.task.pad_token_id,
                 generator=self.generator,
                 param_context=self.engine.param_context(),
+                tool=self.task.tool(),
             )
-        return Batch(prompt_index, r.tokens.cpu(), r.lengths.cpu(), r.rows(), False)
+        mask = None if r.action_mask is None else r.action_mask.cpu()
+        return Batch(prompt_index, r.tokens.cpu(), r.lengths.cpu(), r.rows(), False, mask)
 
     def remember(self, batch: Batch, final_log_rewards: list[float]) -> None:
         """Offer freshly sampled rows (with their untempered final log-rewards) to the buffer."""
         if not batch.replayed:
-            self.buffer.add_batch(batch.prompt_index, batch.rows, final_log_rewards)
+            self.buffer.add_batch(batch.prompt_index, batch.rows, final_log_rewards,
+                                  batch.masks())

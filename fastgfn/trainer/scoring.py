@@ -11,6 +11,14 @@ generated tokens give the final hidden state at every state s_0..s_T; the librar
 
 through the model's own output layer (docs/MATH.md §4). The same pass of a frozen reward LM
 gives the reward of every prefix, ``log p(z_1..z_t STOP | X)`` (``prefix_log_likelihoods``).
+
+With a tool, the generated tokens mix actions and tool tokens (``action_mask``), and the
+states are s_t = X followed by the first t actions and their tool results. The pass still
+runs once over every token; ``state_positions`` says where each state's hidden state is
+(after how many tokens), and ``gfn_logprobs(..., states=...)`` gathers the hidden states
+there before the output layer, so ``log_pf`` exists only for actions (the action taken at
+s_t is the token at that position) and ``log_pterm`` at every state; a tool token's
+log-prob is never computed.
 """
 
 from __future__ import annotations
@@ -35,6 +43,25 @@ def hidden_states(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, *,
     return (h, output_cache(out)) if return_cache else h
 
 
+def state_positions(action_mask: torch.Tensor, lengths: torch.Tensor):
+    """``(states [B, S+1], num_actions [B])`` of rows of actions and tool tokens:
+    ``states[b, t]`` is the number of tokens before row b's (t+1)-th action, i.e. where its
+    state s_t is, for t < num_actions[b], and ``lengths[b]`` for t >= num_actions[b] (the
+    final state, repeated as padding). ``action_mask [B, W]`` is True at actions; entries at
+    or past a row's length are ignored. ``S`` is the largest number of actions."""
+    B, W = action_mask.shape
+    lengths = lengths.to(action_mask.device)
+    valid = action_mask.bool() & (torch.arange(W, device=action_mask.device)[None]
+                                  < lengths[:, None])
+    num_actions = valid.sum(1)
+    S = int(num_actions.max()) if B else 0
+    states = lengths[:, None].expand(B, S + 1).clone()
+    rank = valid.long().cumsum(1) - 1  # each action's index among its row's actions
+    b_idx, pos = valid.nonzero(as_tuple=True)
+    states[b_idx, rank[b_idx, pos]] = pos
+    return states, num_actions
+
+
 def gfn_logprobs(
     model,
     prompt_ids: torch.Tensor,
@@ -44,12 +71,20 @@ def gfn_logprobs(
     temperature: float = 1.0,
     vocab_bias: torch.Tensor | None = None,
     use_fused: bool = True,
+    states: torch.Tensor | None = None,
 ):
     """``(log_pf [B, T], log_pterm [B, T+1])`` of ``tokens [B, T]`` continuing ``prompt_ids``.
+    With ``states`` (``[B, S+1]`` from ``state_positions``; rows with tool tokens):
+    ``(log_pf [B, S], log_pterm [B, S+1])`` over the actions and the states only.
 
-    Entries past a row's length are computed on padding and must be masked by the loss.
+    Entries past a row's length (its number of actions) are computed on padding and must be
+    masked by the loss.
     """
     h = hidden_states(model, prompt_ids, tokens)
+    if states is not None:
+        states = states.to(h.device)
+        h = h.gather(1, states[..., None].expand(-1, -1, h.shape[-1]))  # [B, S+1, H]
+        tokens = tokens.gather(1, states[:, :-1].clamp(max=tokens.shape[1] - 1))
     return gfn_logprobs_from_hidden(model, h, tokens, termination_token_id,
                                     temperature=temperature, vocab_bias=vocab_bias,
                                     fused=use_fused)

@@ -84,8 +84,11 @@ class Trainer:
         with autocast(cfg, dev):  # mixed_precision (precision.py); the backward runs outside
             batch = self.rollouts.next_batch()
             dead = self.objective.cut_dead_ends(task, batch.rows, batch.lengths)
-            log_r = task.log_rewards(batch.prompt_index, batch.rows, batch.width)  # untempered
-            bad = nonfinite_rows(log_r, batch.lengths)
+            # untempered; with a tool, at the states only (actions count, tool tokens do not)
+            log_r = task.state_log_rewards(batch.prompt_index, batch.rows, batch.width,
+                                           batch.states)
+            n = batch.num_actions
+            bad = nonfinite_rows(log_r, n)
             if bad:
                 who = f" (rank {self.rank})" if self.world > 1 else ""
                 print(report_rows(task, batch, bad, log_r, self.step + 1, who), flush=True)
@@ -93,18 +96,19 @@ class Trainer:
                 self.engine.module, task.prompt_tokens(batch.prompt_index).to(dev),
                 batch.tokens.to(dev), task.termination_token_id,
                 use_fused=cfg.use_fused_logprobs, vocab_bias=self.rollouts.policy_bias,
+                states=batch.states,
             )
             loss, flow = self.objective.loss(
                 log_pf, log_pterm, self.objective.tempered_log_rewards(log_r, self.step).to(dev),
-                batch.lengths.to(dev), dead, batch.prompt_index,
+                n.to(dev), dead, batch.prompt_index,
             )
         self.engine.backward(poisoned(loss, bool(bad)))
-        final = log_r.gather(1, batch.lengths[:, None]).squeeze(1)  # untempered
+        final = log_r.gather(1, n[:, None]).squeeze(1)  # untempered
         self.rollouts.remember(batch, final.tolist())  # the buffer refuses non-finite rewards
         return {
             "loss": float(loss.detach()),
             "log_reward": float(final.mean()),
-            "length": float(batch.lengths.float().mean()),
+            "length": float(n.float().mean()),
             "replayed": float(batch.replayed),
             "reward_temperature": self.objective.reward_temperature(self.step),
             "log_z": flow,

@@ -161,6 +161,7 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], output_dir: str 
 # task -> "module:function" giving (prompt, completion, loss_mask or None) triples for a config
 SFT_DATA = {
     "infilling": "fastgfn.trainer.tasks.infilling:sft_pairs",
+    "arithmetic": "fastgfn.trainer.tasks.arithmetic:sft_pairs",
 }
 
 

@@ -11,6 +11,13 @@ stopped early would hang the others).
 The behaviour policy may differ from the policy being trained (GFlowNet losses are
 off-policy): a per-row temperature, an additive vocabulary bias (``-inf`` forbids a token)
 and a minimum length (termination forbidden before it).
+
+With a tool (``fastgfn.trainer.tools``), a row whose action is one of the tool's triggers
+receives the tool's result as forced tokens over the next steps (``rows.ToolFeed``): they
+are part of the state, not actions. Rows then hold different numbers of actions at a step,
+so the limits (``min_new_tokens``, ``max_new_tokens``) are per row, and a row is finished
+only once its pending tool tokens are fed. Every running row still takes one token per
+step, and the all-reduced "all done" flag keeps the ranks' decoder calls equal.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import torch
 
 from fastgfn.trainer.engines.distributed import all_ranks_agree
 from fastgfn.trainer.sampling.decoding import as_decoder
+from fastgfn.trainer.sampling.rows import Rows, ToolFeed
+from fastgfn.trainer.tools import token_budget
 
 
 @dataclass
@@ -31,13 +40,17 @@ class Rollout:
     ``tokens[b, t]`` is the t-th generated token of row b for ``t < lengths[b]`` and
     ``pad_token_id`` after it; the termination token itself is not stored (it is implied by
     ``terminated[b]``). ``lengths[b]`` counts generated tokens before termination; a row that
-    reached ``max_new_tokens`` without terminating has ``terminated[b] = False``.
+    reached ``max_new_tokens`` actions without terminating has ``terminated[b] = False``.
+    With a tool, ``action_mask[b, t]`` is False at the tool's tokens (True at actions; only
+    entries before ``lengths[b]`` mean anything); without one it is None (every token is an
+    action).
     """
 
     tokens: torch.Tensor  # [B, T] long
     lengths: torch.Tensor  # [B] long
     terminated: torch.Tensor  # [B] bool
     temperatures: torch.Tensor  # [B] float
+    action_mask: torch.Tensor | None = None  # [B, T] bool
 
     @property
     def batch_size(self) -> int:
@@ -47,6 +60,21 @@ class Rollout:
         """The generated token ids of every row, without padding."""
         toks = self.tokens.tolist()
         return [r[:n] for r, n in zip(toks, self.lengths.tolist())]
+
+    def masks(self) -> list[list[bool]] | None:
+        """Per row, whether each of its tokens is an action (None without a tool)."""
+        if self.action_mask is None:
+            return None
+        return [m[:n] for m, n in zip(self.action_mask.tolist(), self.lengths.tolist())]
+
+    @property
+    def num_actions(self) -> torch.Tensor:
+        """``[B]``: the policy's actions per row (tool tokens not counted)."""
+        if self.action_mask is None:
+            return self.lengths
+        inside = torch.arange(self.tokens.shape[1], device=self.lengths.device)[None] \
+            < self.lengths[:, None]
+        return (self.action_mask & inside).sum(1)
 
 
 def draw_temperatures(
@@ -113,10 +141,10 @@ def _checked_temperatures(prompt_ids, batch_size, max_new_tokens, min_new_tokens
     return temperatures
 
 
-def _draw(logits, temperatures, logit_bias, vocab_bias, forbid_id, generator):
+def _draw(logits, temperatures, logit_bias, vocab_bias, stop_id, forbid, generator):
     """One token per row from ``softmax((logits + logit_bias) / T + vocab_bias)``, the most
-    likely one where T = 0 (greedy decoding); ``forbid_id`` (termination before the minimum
-    length) gets probability 0 when given."""
+    likely one where T = 0 (greedy decoding); the termination token ``stop_id`` gets
+    probability 0 where ``forbid`` (True: every row; a ``[B]`` mask: those rows)."""
     z = logits.float()
     if logit_bias is not None:
         z = z + logit_bias.to(device=z.device, dtype=z.dtype)
@@ -124,9 +152,10 @@ def _draw(logits, temperatures, logit_bias, vocab_bias, forbid_id, generator):
     z = z / torch.where(greedy, 1.0, temperatures)[:, None]
     if vocab_bias is not None:
         z = z + vocab_bias.to(device=z.device, dtype=z.dtype)  # [V] or per row [B, V]
-    if forbid_id is not None:
-        z = z.clone()
-        z[:, forbid_id] = float("-inf")
+    if forbid is True:
+        z[:, stop_id] = float("-inf")
+    elif forbid is not None:
+        z[:, stop_id] = z[:, stop_id].masked_fill(forbid, float("-inf"))
     draw = sample_categorical(torch.softmax(z, dim=-1), generator)  # one uniform per row
     return torch.where(greedy, z.argmax(dim=-1), draw)
 
@@ -146,6 +175,7 @@ def sample(
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
     param_context=None,
+    tool=None,
 ) -> Rollout:
     """Sample ``batch_size`` continuations of ``prompt_ids`` (1-D) from ``model`` (a
     transformers causal LM or a ``decoding.Decoder``): each token from
@@ -154,41 +184,56 @@ def sample(
     ([V] or per row [B, V], after the temperature) restricts exploration (``-inf`` forbids a
     token).
 
+    ``tool`` (a ``fastgfn.trainer.tools.Tool``): after a row's action is one of its triggers,
+    its result tokens are fed to that row as forced tokens (state, not actions; the rollout's
+    ``action_mask`` marks them). ``max_new_tokens`` and ``min_new_tokens`` count actions.
+
     ``param_context`` is an optional context manager entered once around the whole rollout
     (the DeepSpeed engine passes one that gathers ZeRO-3 parameters once, not per token).
     """
     B, device = batch_size, prompt_ids.device
     temperatures = _checked_temperatures(prompt_ids, B, max_new_tokens, min_new_tokens,
                                          temperatures, vocab_bias)
+    width = token_budget(max_new_tokens, tool)
+    feed = ToolFeed(tool, B, device) if tool is not None else None
     ctx = param_context if param_context is not None else contextlib.nullcontext()
-    with ctx, as_decoder(model).decoding(prompt_ids, B, max_new_tokens) as decoding:
+    with ctx, as_decoder(model).decoding(prompt_ids, B, width) as decoding:
         logits = decoding.first_logits
-        tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        lengths = torch.zeros(B, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        rows = torch.arange(B, device=device)  # the rows the cache holds
-        for t in range(max_new_tokens):
-            forbid = termination_token_id if t < min_new_tokens else None
-            nxt = _draw(logits, temperatures, logit_bias, vocab_bias, forbid, generator)
-            stop = (nxt == termination_token_id) & ~done
-            keep = ~done & ~stop
-            tokens[:, t] = torch.where(keep, nxt, torch.full_like(nxt, pad_token_id))
-            lengths += keep.long()
-            done |= stop
-            if t == max_new_tokens - 1 or all_ranks_agree(bool(done.all())):
+        rows = Rows(B, width, pad_token_id, device, with_mask=tool is not None)
+        cached = torch.arange(B, device=device)  # the rows the cache holds
+        for t in range(width):
+            forbid = rows.forbid_stop(t, min_new_tokens)
+            nxt = _draw(logits, temperatures, logit_bias, vocab_bias, termination_token_id,
+                        forbid, generator)
+            forced = None
+            if feed is not None:
+                nxt, forced = feed.take(nxt)
+            acted = rows.append(t, nxt, termination_token_id, forced)
+            if feed is not None:
+                feed.offer(rows.tokens, t, acted, nxt)
+            rows.finish_full(max_new_tokens, None if feed is None else feed.pending())
+            if t == width - 1 or all_ranks_agree(bool(rows.done.all())):
                 break
-            # Decode only the rows still running (at least one, so every rank runs a forward).
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:  # other ranks still decode: run a dummy row
-                keep = rows[:1]
-            if keep.numel() < rows.numel():
-                decoding.keep_rows(keep_in_rows(rows, keep))
-                rows = keep
-            step_logits = decoding.step(tokens[rows, t])
-            if rows.numel() == B:
-                logits = step_logits
-            else:
-                logits = step_logits.new_zeros(B, step_logits.shape[-1])
-                logits[rows] = step_logits
-    T = int(lengths.max().item()) if B else 0
-    return Rollout(tokens[:, : max(T, 1)].contiguous(), lengths, done.clone(), temperatures)
+            logits, cached = _decode_step(decoding, rows, cached, t)
+    T = max(int(rows.lengths.max().item()) if B else 0, 1)
+    mask = None if rows.action is None else rows.action[:, :T].contiguous()
+    return Rollout(rows.tokens[:, :T].contiguous(), rows.lengths, rows.stopped.clone(),
+                   temperatures, mask)
+
+
+def _decode_step(decoding, rows: Rows, cached: torch.Tensor, t: int):
+    """Feed step ``t``'s tokens to the rows still running (at least one, so every rank runs
+    a forward); ``(next-token logits [B, V], the rows the cache now holds)``."""
+    B = rows.done.shape[0]
+    keep = (~rows.done).nonzero().squeeze(1)
+    if keep.numel() == 0:  # other ranks still decode: run a dummy row
+        keep = cached[:1]
+    if keep.numel() < cached.numel():
+        decoding.keep_rows(keep_in_rows(cached, keep))
+        cached = keep
+    step_logits = decoding.step(rows.tokens[cached, t])
+    if cached.numel() == B:
+        return step_logits, cached
+    logits = step_logits.new_zeros(B, step_logits.shape[-1])
+    logits[cached] = step_logits
+    return logits, cached

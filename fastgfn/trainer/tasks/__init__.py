@@ -13,6 +13,7 @@ TASKS = {
     "random_number": ("fastgfn.trainer.tasks.random_number", "RandomNumberTask"),
     "continuation": ("fastgfn.trainer.tasks.continuation", "ContinuationTask"),
     "reasoning": ("fastgfn.trainer.tasks.reasoning", "LatentReasoningTask"),
+    "arithmetic": ("fastgfn.trainer.tasks.arithmetic", "ArithmeticTask"),
     "infilling": ("fastgfn.trainer.tasks.infilling", "StoryInfillingTask"),
 }
 
@@ -26,8 +27,13 @@ def task_class(name: str) -> type[Task]:
 
 
 def build_task(cfg, tokenizer, reward=None) -> Task:
-    """The task of ``cfg.task``; ``reward`` is the frozen ``RewardLM`` of tasks that need one."""
-    return task_class(cfg.task).from_config(cfg, tokenizer, reward)
+    """The task of ``cfg.task`` with the run's tool (``cfg.tool``); ``reward`` is the frozen
+    ``RewardLM`` of tasks that need one."""
+    from fastgfn.trainer.tools import build_tool
+
+    task = task_class(cfg.task).from_config(cfg, tokenizer, reward)
+    task.set_tool(build_tool(cfg, tokenizer))
+    return task
 
 
 __all__ = ["TASKS", "Task", "build_task", "task_class"]

@@ -9,7 +9,11 @@ the trainer never probes a task with ``hasattr``:
 - ``policy_logit_bias()``: a vocabulary bias that is part of the policy (the paper's
   illegal-token penalty), added to its logits wherever it samples or is scored;
 - ``policy_metrics(engine, min_new_tokens)``: exact metrics computed from the policy itself
-  (the random-number task's exact distribution), logged during and after training.
+  (the random-number task's exact distribution), logged during and after training;
+- ``tool()``: the tool the sampler runs after its trigger actions (``fastgfn.trainer.tools``;
+  the run's ``tool`` key, set by ``build_task``). With a tool, rows mix actions and tool
+  tokens, and the loss reads rewards at the states only (``state_log_rewards``). Dead ends
+  (``dead_index``) are not supported together with a tool.
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ class Task:
         length are never read by the loss."""
         raise NotImplementedError
 
+    def state_log_rewards(self, prompt_index: int, rows: list[list[int]], T: int,
+                          states: torch.Tensor | None = None) -> torch.Tensor:
+        """The rewards the loss reads: ``log_rewards`` (``states`` None), or with a tool its
+        prefixes at the states, ``[len(rows), S + 1]``: entry ``[b, t]`` is the reward of
+        stopping after the first ``states[b, t]`` tokens of row b (``scoring.state_positions``).
+        A task may compute only those prefixes."""
+        log_r = self.log_rewards(prompt_index, rows, T)
+        return log_r if states is None else log_r.gather(1, states.cpu())
+
     def text(self, row: list[int]) -> str:
         return self.tokenizer.decode(row)
 
@@ -82,6 +95,15 @@ class Task:
     def policy_metrics(self, engine, min_new_tokens: int) -> dict:
         """Exact metrics of the policy (no sampling), or {} when the task has none."""
         return {}
+
+    _tool = None
+
+    def tool(self):
+        """The tool the sampler runs for this task (``fastgfn.trainer.tools.Tool``), or None."""
+        return self._tool
+
+    def set_tool(self, tool) -> None:
+        self._tool = tool
 
 
 def termination_token(tokenizer, termination: str) -> int:

@@ -153,7 +153,8 @@ class LatentReasoningTask(ContinuationTask):
     def reward_prompt_tokens(self, index: int) -> torch.Tensor:
         """The context X the reward LM scores the rationale and the answer after: the
         policy's prompt here; a subclass may give the reward LM other text (the infilling
-        task's policy sees a template with the ending, its reward LM only the beginning)."""
+        task's policy sees a template with the ending, its reward LM only the beginning; the
+        arithmetic task's reward LM reads few-shot examples before the question)."""
         return self.prompt_tokens(index)
 
     def answer_tokens(self, index: int) -> torch.Tensor:
@@ -182,9 +183,24 @@ class LatentReasoningTask(ContinuationTask):
         loss). One pass over the rationales serves both terms."""
         return self._scores(prompt_index, rows, T, with_rationale=True)
 
-    def _scores(self, prompt_index, rows, T, with_rationale: bool) -> torch.Tensor:
+    @torch.no_grad()
+    def state_log_rewards(self, prompt_index: int, rows: list[list[int]], T: int,
+                          states: torch.Tensor | None = None) -> torch.Tensor:
+        """``log_rewards`` at the states only (rows with tool tokens): the answer term runs
+        for the prefixes that are states, not for every token prefix."""
+        if states is None:
+            return self.log_rewards(prompt_index, rows, T)
+        states = states.cpu()
+        prefixes = [sorted(set(s)) for s in states.tolist()]
+        return self._scores(prompt_index, rows, T, True, prefixes).gather(1, states)
+
+    def _scores(self, prompt_index, rows, T, with_rationale: bool, prefixes=None):
+        """``[len(rows), T + 1]``: the scores of every prefix of every row, or with
+        ``prefixes`` (per row, prefix lengths) the answer term only at those (0 elsewhere)."""
         self._check_rows(prompt_index, rows, T)
-        pairs = [(b, t) for b, row in enumerate(rows) for t in range(len(row) + 1)]
+        if prefixes is None:
+            prefixes = [range(len(row) + 1) for row in rows]
+        pairs = [(b, t) for b in range(len(rows)) for t in prefixes[b]]
         answer = self.answer_tokens(prompt_index)
         out = torch.zeros(len(rows), T + 1)
         with self.reward.frozen() as (model, dev):

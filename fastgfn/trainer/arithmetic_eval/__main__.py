@@ -1,0 +1,3 @@
+from fastgfn.trainer.arithmetic_eval.cli import main
+
+main()
