@@ -11,7 +11,8 @@ MODE
           parameters, step, log Z, replay buffer, RNG states), then the run goes on.
   restart the configured run stopped after ``stop_after_steps`` steps with a checkpoint,
           then a new trainer in the same processes resumes it to the end (one launch
-          instead of two), once per config of ``--deepspeed_config A.json,B.json``.
+          instead of two), once per config of ``--deepspeed_config A.json,B.json``; records
+          the optimizer DeepSpeed runs and its offloads.
   hostile once per config of ``--deepspeed_config A.json,B.json``: a run whose rewards are
           NaN at step 2 (skipped?), then its newest checkpoint's model states replaced by a
           pickle that writes a marker file when unpickled (manifest rewritten to match), and
@@ -147,6 +148,18 @@ def resume(tr: Trainer, out: Path) -> None:
     tr.run()
 
 
+def _optimizer_info(tr: Trainer) -> dict:
+    """The optimizer DeepSpeed runs and what its ZeRO optimizer offloads."""
+    zero = tr.engine.engine.optimizer
+    return {
+        "optimizer": type(tr.engine.engine.basic_optimizer).__name__,
+        "offload_optimizer": bool(
+            getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False)
+        ),
+        "offload_param": bool(getattr(zero, "offload_param", False)),
+    }
+
+
 def restart(cfg, out: Path, ds_configs: list[str]) -> None:
     """For each DeepSpeed config in turn (in the same processes): the run stopped after
     ``stop_after_steps`` with a checkpoint, then a new trainer resumes it to the end.
@@ -166,7 +179,8 @@ def restart(cfg, out: Path, ds_configs: list[str]) -> None:
         tr = Trainer(run)
         tr.run()
         again = Trainer(dataclasses.replace(run, resume=True, stop_after_steps=0))
-        _write(out, f"restart_{stem}_rank{tr.rank}.json", {"resumed": again.maybe_resume()})
+        seen = {"resumed": again.maybe_resume(), **_optimizer_info(again)}
+        _write(out, f"restart_{stem}_rank{tr.rank}.json", seen)
         again.cfg.resume = False  # resumed just now
         again.run()
 

@@ -84,10 +84,11 @@ def start_process_group(cfg) -> dict | None:
     """Join the process group when the run uses DeepSpeed; its config (None otherwise)."""
     if not uses_deepspeed(cfg):
         return None
-    from fastgfn.trainer.engines.deepspeed_engine import load_ds_config
+    from fastgfn.trainer.engines.ds_config import load_ds_config
 
+    ds_config = load_ds_config(cfg)  # a bad file stops the run before the process group
     init_distributed()
-    return load_ds_config(cfg)
+    return ds_config
 
 
 def load_policy(cfg, ds_config: dict | None):

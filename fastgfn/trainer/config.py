@@ -27,6 +27,8 @@ class Config:
     attn_implementation: str = "auto"  # "auto" (flash_attention_2 when flash-attn is installed
     #   and the model is 16-bit on CUDA, else sdpa), "sdpa", "eager" or "flash_attention_2"
     dtype: str = "float32"  # float32, bfloat16, float16
+    mixed_precision: str = "no"  # "bf16": a micro-step under torch.autocast(bfloat16), fp32
+    #   master weights (needs dtype=float32; one plain process; GPUs and CPUs with native bf16)
     tiny_hidden: int = 64
     tiny_layers: int = 2
     lora: bool = False
@@ -169,6 +171,7 @@ _CHOICES = {
     "initial_flow": ("auto", "policy", "log_z", "global_log_z"),
     "explore_mode": ("per_row", "per_batch"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "mixed_precision": ("no", "bf16"),
     "sample_dtype": ("auto", "model", "float32", "bfloat16", "float16"),
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "lr_schedule": ("constant", "cosine", "linear"),
@@ -271,4 +274,20 @@ def validate(cfg: Config) -> Config:
     resolve_report_to(cfg)
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(f"deepspeed_config: no such file {cfg.deepspeed_config!r}")
+    _check_mixed_precision(cfg)
     return cfg
+
+
+def _check_mixed_precision(cfg: Config) -> None:
+    if cfg.mixed_precision == "no":
+        return
+    if cfg.dtype != "float32":
+        raise ConfigError(
+            f"mixed_precision: {cfg.mixed_precision!r} keeps fp32 master weights and needs "
+            f"dtype=float32, got dtype={cfg.dtype!r}"
+        )
+    if cfg.deepspeed_config is not None:
+        raise ConfigError(
+            f"mixed_precision: {cfg.mixed_precision!r} is for one plain process; under DeepSpeed "
+            "use the DeepSpeed config's bf16 section instead"
+        )

@@ -31,6 +31,7 @@ from fastgfn.trainer.metrics_log import MetricsLogger
 from fastgfn.trainer.model_card import model_card
 from fastgfn.trainer.nonfinite import SkipCounter, nonfinite_rows, poisoned, report_rows
 from fastgfn.trainer.plots import training_curves
+from fastgfn.trainer.precision import autocast
 from fastgfn.trainer.report import format_table, histogram
 from fastgfn.trainer.scoring import gfn_logprobs
 from fastgfn.trainer.signals import StopSignals
@@ -80,25 +81,27 @@ class Trainer:
 
     def _micro_step(self) -> dict:
         cfg, task, dev = self.cfg, self.task, self.engine.device
-        batch = self.rollouts.next_batch()
-        dead = self.objective.cut_dead_ends(task, batch.rows, batch.lengths)
-        # untempered; with a tool, at the states only (actions count, tool tokens do not)
-        log_r = task.state_log_rewards(batch.prompt_index, batch.rows, batch.width,
-                                       batch.states)
-        n = batch.num_actions
-        bad = nonfinite_rows(log_r, n)
-        if bad:
-            who = f" (rank {self.rank})" if self.world > 1 else ""
-            print(report_rows(task, batch, bad, log_r, self.step + 1, who), flush=True)
-        log_pf, log_pterm = gfn_logprobs(
-            self.engine.module, task.prompt_tokens(batch.prompt_index).to(dev),
-            batch.tokens.to(dev), task.termination_token_id, use_fused=cfg.use_fused_logprobs,
-            vocab_bias=self.rollouts.policy_bias, states=batch.states,
-        )
-        loss, flow = self.objective.loss(
-            log_pf, log_pterm, self.objective.tempered_log_rewards(log_r, self.step).to(dev),
-            n.to(dev), dead, batch.prompt_index,
-        )
+        with autocast(cfg, dev):  # mixed_precision (precision.py); the backward runs outside
+            batch = self.rollouts.next_batch()
+            dead = self.objective.cut_dead_ends(task, batch.rows, batch.lengths)
+            # untempered; with a tool, at the states only (actions count, tool tokens do not)
+            log_r = task.state_log_rewards(batch.prompt_index, batch.rows, batch.width,
+                                           batch.states)
+            n = batch.num_actions
+            bad = nonfinite_rows(log_r, n)
+            if bad:
+                who = f" (rank {self.rank})" if self.world > 1 else ""
+                print(report_rows(task, batch, bad, log_r, self.step + 1, who), flush=True)
+            log_pf, log_pterm = gfn_logprobs(
+                self.engine.module, task.prompt_tokens(batch.prompt_index).to(dev),
+                batch.tokens.to(dev), task.termination_token_id,
+                use_fused=cfg.use_fused_logprobs, vocab_bias=self.rollouts.policy_bias,
+                states=batch.states,
+            )
+            loss, flow = self.objective.loss(
+                log_pf, log_pterm, self.objective.tempered_log_rewards(log_r, self.step).to(dev),
+                n.to(dev), dead, batch.prompt_index,
+            )
         self.engine.backward(poisoned(loss, bool(bad)))
         final = log_r.gather(1, n[:, None]).squeeze(1)  # untempered
         self.rollouts.remember(batch, final.tolist())  # the buffer refuses non-finite rewards

@@ -23,30 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from fastgfn.trainer.engines.base import adamw_with_schedule, read_engine_meta, write_engine_meta
+from fastgfn.trainer.engines.base import (
+    adamw_with_schedule,
+    lr_factor,
+    read_engine_meta,
+    write_engine_meta,
+)
 from fastgfn.trainer.engines.distributed import comm_device, rank, world_size, zero_stage
+from fastgfn.trainer.engines.ds_config import load_ds_config
 from fastgfn.trainer.engines.safe_load import weights_only_loads
 from fastgfn.trainer.errors import CheckpointError, IncompatibleCheckpointError
 
-
-def load_ds_config(cfg) -> dict:
-    """The DeepSpeed config of a run: the ``deepspeed_config`` file with the micro-batch,
-    accumulation and clipping taken from the fastgfn config, or a stage-0 default."""
-    ds = {"zero_optimization": {"stage": 0}}
-    if cfg.deepspeed_config:
-        with open(cfg.deepspeed_config) as fh:
-            ds = json.load(fh)
-    ds["train_micro_batch_size_per_gpu"] = 1
-    ds["gradient_accumulation_steps"] = cfg.grad_accum
-    ds.pop("train_batch_size", None)
-    ds["gradient_clipping"] = cfg.grad_clip
-    return ds
+__all__ = ["DeepSpeedEngine", "frozen_zero3_module", "load_ds_config"]
 
 
 class DeepSpeedEngine:
@@ -58,10 +51,20 @@ class DeepSpeedEngine:
         self.cfg = cfg
         self.ds_config = ds_config
         params = [p for p in model.parameters() if p.requires_grad]
-        # stage 0 steps this optimizer itself: fused, so a step can be skipped (found_inf)
-        optimizer, scheduler = adamw_with_schedule(params, cfg, fused=zero_stage(ds_config) == 0)
+        if "optimizer" in ds_config:
+            # DeepSpeed builds the optimizer from the section (its CPU Adam under offload,
+            # see ds_config.py); fastgfn's schedule is attached to whatever it built
+            optimizer = None
+
+            def scheduler(opt):
+                return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+        else:
+            # stage 0 steps this optimizer itself: fused, so a step can be skipped (found_inf)
+            optimizer, scheduler = adamw_with_schedule(
+                params, cfg, fused=zero_stage(ds_config) == 0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler,
+            config=ds_config,
         )
         self.module = self.engine.module
         self.device = torch.device(self.engine.device)
