@@ -15,7 +15,7 @@ from fastgfn.trainer.tasks.reasoning import LatentReasoningTask, load_examples
 
 from .test_continuation import _exact_distributions, _kl, _tiny_lm, brute_force_log_reward
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gfn-lm-tuning"
+DATA = Path(__file__).resolve().parents[1] / "fastgfn" / "data" / "gfn-lm-tuning"  # shipped
 
 
 def brute_force_answer(model, prompt, rationale, term, answer):
@@ -110,7 +110,6 @@ def test_load_examples_and_bad_arguments(lm, tmp_path):
             load_config(None, ["task=reasoning", *([f"data_path={js}"] if bad else []), *bad])
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="the shared paper data folder is absent")
 def test_paper_data_files_load():
     q, a = load_examples(DATA / "subj" / "train.10.jsonl", "text", "label_text")
     assert len(q) == len(a) == 10 and set(a) <= {"objective", "subjective"}
