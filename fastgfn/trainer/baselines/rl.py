@@ -171,28 +171,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    import dataclasses
     import json
     import time
 
-    from fastgfn.trainer import load_config
+    from fastgfn.trainer.baselines.command import load_config_and_model, trl_tokenizer
     from fastgfn.trainer.models import load_model
     from fastgfn.trainer.reward_model import RewardLM
     from fastgfn.trainer.tasks import build_task
 
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
     start = time.time()
-    cfg = dataclasses.replace(cfg, lora=False)
-    model, tok = load_model(cfg)
+    cfg, model, tok = load_config_and_model(args)
     reward_model, _ = load_model(cfg)  # the frozen initial model scores the rationales
     task = build_task(cfg, tok, RewardLM(reward_model.eval().requires_grad_(False)))
-    if cfg.model == "tiny":  # the tiny test model: the same ids in a Hugging Face tokenizer
-        from fastgfn.trainer.integrations.tiny import char_tokenizer_fast
-
-        tok = char_tokenizer_fast()
+    tok = trl_tokenizer(cfg, tok)
     G = args.generations
     trainer = grpo_trainer(
         model, tok, task, grpo_config(

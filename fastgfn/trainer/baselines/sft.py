@@ -196,23 +196,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    import dataclasses
     import json
     import time
 
-    from fastgfn.trainer import load_config
-    from fastgfn.trainer.models import load_model
+    from fastgfn.trainer.baselines.command import load_config_and_model, trl_tokenizer
 
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
     start = time.time()
-    model, tok = load_model(dataclasses.replace(cfg, lora=False))
-    if cfg.model == "tiny":  # the tiny test model: the same ids in a Hugging Face tokenizer
-        from fastgfn.trainer.integrations.tiny import char_tokenizer_fast
-
-        tok = char_tokenizer_fast()
+    cfg, model, tok = load_config_and_model(args)
+    tok = trl_tokenizer(cfg, tok)
     examples = task_examples(cfg, tok)
     trainer = train_sft(model, tok, examples, args.out, num_train_epochs=args.epochs,
                         learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
