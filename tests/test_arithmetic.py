@@ -200,8 +200,11 @@ def test_eval_command_end_to_end(tmp_path, capsys):
                 assert len(row["texts"]) == 4 and row["greedy"] == final_answer(row["texts"][0])
             acc = sum(x["greedy"] == x["answer"] for x in r["rows"]) / 2
             assert r["greedy_accuracy"] == acc
+        for label, r in methods.items():  # the summary: one accuracy per method and set, %
+            assert report["accuracy"][name][label]["greedy"] == 100 * r["greedy_accuracy"]
     assert (out / "tables.md").read_text() in printed
     assert report["settings"]["k"] == 3 and report["settings"]["tool"] == "calculator"
+    assert "cores" in report["settings"]["machine"]
 
 
 def test_arithmetic_configs_load():
@@ -357,7 +360,8 @@ def test_training_with_the_tool_matches_the_exact_target(tmp_path, taught_compac
         "tool=calculator", "fewshot_examples=0", f"data_path={one}", "batch_size=8",
         "max_new_tokens=5", "min_new_tokens=0", "steps=600", "lr=1e-3", "warmup_steps=0",
         "reward_temperature=1.0", "reward_temperature_end=null", "eval_questions=0",
-        "replay_prob=0.25", "explore_prob=0.5", f"output_dir={tmp_path / 'run'}"]))
+        "replay_prob=0.25", "explore_prob=0.5", "replay_seed=false",
+        f"output_dir={tmp_path / 'run'}"]))
     kl, rkl, tool_mass = _exact_kls(tr, 5, 1.0)
     assert tool_mass > 0.05  # rationales with calculator results matter in the target
     tr.run()

@@ -31,6 +31,7 @@ def _brute_force_subtb(log_pf, log_pterm, log_r, lengths):
 def test_floor_reward_for_short_states_matches_brute_force():
     """min_new_tokens = 2, per-prompt flows: states s_0 and s_1 get the floor -99 (divided by
     the reward temperature) in place of their raw reward and keep the policy's own q(STOP);
+    the row of ``max_new_tokens`` actions ends with a forced stop (log P(STOP) = 0 there);
     the loss equals a float64 brute force over every sub-trajectory."""
     cfg = _cfg("min_new_tokens=2", "max_new_tokens=4", "initial_flow=policy",
                "reward_temperature=0.5")
@@ -46,8 +47,12 @@ def test_floor_reward_for_short_states_matches_brute_force():
     want_r[:, :2] = -99.0 / 0.5
     torch.testing.assert_close(log_r.double(), want_r)
     loss, flow = obj.loss(log_pf, log_pterm, log_r, lengths, torch.zeros(B, dtype=torch.bool), 1)
-    want = _brute_force_subtb(log_pf.double(), log_pterm.double(), want_r, lengths)
+    forced = log_pterm.double().clone()
+    forced[0, 4] = 0.0  # row 0 has max_new_tokens = 4 actions: the sampler stopped it
+    want = _brute_force_subtb(log_pf.double(), forced, want_r, lengths)
     assert loss.item() == pytest.approx(want, rel=1e-5)
+    unforced = _brute_force_subtb(log_pf.double(), log_pterm.double(), want_r, lengths)
+    assert abs(unforced - want) > 1e-2
     assert flow == pytest.approx(float((want_r[:, 0] - log_pterm[:, 0].double()).mean()))
     # the floor is not a constant of the pair set: a different floor changes the loss
     other = Objective(dataclasses.replace(cfg, min_length_log_reward=-5.0), "cpu", 3)

@@ -352,3 +352,24 @@ def test_compiled_sampling_replica_decodes_like_eager(tiny):
         got = compiled.model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert runs[1].tokens.shape[0] == 3 and (runs[1].lengths <= 3).all()
+
+
+def test_a_prompt_per_row_samples_as_each_prompt_alone(tiny):
+    """``prompt_ids [B, P]``: every row continues its own prompt, as one batch (the
+    arithmetic evaluation's questions). Greedy rows equal the rows decoded from each prompt
+    alone, two rows of one prompt agree, and a batch size that does not match the prompts is
+    refused."""
+    model, tok = tiny
+    texts = ["ab: ", "xy: ", "ab: "]
+    prompts = torch.tensor([tok.encode(t) for t in texts])
+    term = tok.encode(",")[0]
+    kw = dict(max_new_tokens=6, min_new_tokens=1, termination_token_id=term, pad_token_id=0)
+    together = sample(model, prompts, batch_size=3, temperatures=0.0, **kw)
+    for b in range(3):
+        alone = sample(model, prompts[b], batch_size=1, temperatures=0.0, **kw)
+        n = int(alone.lengths[0])
+        assert int(together.lengths[b]) == n
+        assert together.tokens[b, :n].tolist() == alone.tokens[0, :n].tolist()
+    assert together.tokens[0].tolist() == together.tokens[2].tolist()
+    with pytest.raises(ValueError, match="prompt_ids"):
+        sample(model, prompts, batch_size=2, temperatures=0.0, **kw)

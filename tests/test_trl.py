@@ -76,7 +76,8 @@ def test_trains_steps_with_a_reward_callable(tmp_path):
 def _reference_loss(tr, batch, loss: str, log_z: float, temperature: float):
     """fastgfn's loss of the same rows, recomputed independently: log-probs through the
     engine's scoring (each group's prompt unpadded, run once), rewards by calling the reward
-    function on every decoded prefix, then the library's loss functions."""
+    function on every decoded prefix, the stop forced at the length limit, then the library's
+    loss functions."""
     tok, P, G = tr.processing_class, batch["prompt_len"], tr.args.num_generations
     lengths = batch["lengths"].cpu()
     tokens = batch["input_ids"][:, P:].cpu()
@@ -87,6 +88,9 @@ def _reference_loss(tr, batch, loss: str, log_z: float, temperature: float):
         log_pf.append(a)
         log_pterm.append(b)
     log_pf, log_pterm = torch.cat(log_pf), torch.cat(log_pterm)
+    # a row of max_completion_length tokens was stopped by the limit: P(STOP) = 1 there
+    full = lengths == tr.args.max_completion_length
+    log_pterm[full, lengths[full]] = 0.0
     reward = number_reward()
     log_r = torch.zeros(log_pterm.shape)
     for b in range(len(lengths)):

@@ -24,6 +24,7 @@ from fastgfn.trainer.evaluation import build_answer_task
 from fastgfn.trainer.models import disable_dropout, load_model, load_tokenizer
 from fastgfn.trainer.objective import Objective
 from fastgfn.trainer.replay import ReplayBuffer
+from fastgfn.trainer.replay_seed import seed_buffer
 from fastgfn.trainer.reward_model import build_reward_lm
 from fastgfn.trainer.rollout import Rollouts
 from fastgfn.trainer.sampling.replica import build_replica
@@ -121,7 +122,15 @@ def build(cfg) -> Components:
     disable_dropout(model)
     engine = build_engine(model, cfg, ds_config)
     streams.place(engine.device)
-    buffer = ReplayBuffer(cfg.replay_size, cfg.replay_min_distance, cfg.replay_relative_distance)
+    buffer = ReplayBuffer(cfg.replay_size, cfg.replay_min_distance, cfg.replay_relative_distance,
+                          cfg.replay_sampling)
+    if cfg.replay_seed:  # a resumed run then loads its saved buffer over these
+        seeded, outside = seed_buffer(buffer, task, cfg.min_new_tokens, cfg.max_new_tokens)
+        if rank() == 0:
+            left = "" if not outside else (
+                f" ({outside} with more than max_new_tokens={cfg.max_new_tokens} or fewer "
+                f"than min_new_tokens={cfg.min_new_tokens} actions left out)")
+            print(f"fastgfn: replay buffer seeded with {seeded} worked rationales{left}")
     rollouts = Rollouts(cfg, task, engine, build_replica(engine, cfg), buffer, streams.py_rng,
                         streams.generator)
     return Components(rank(), world_size(), streams, tokenizer, task, answer_task, engine,

@@ -99,6 +99,9 @@ class Config:
     replay_min_distance: int = 0  # near-duplicate threshold (token edit distance); 0: exact only
     replay_relative_distance: float = 0.0  # near-duplicate when the edit distance is below this
     #   fraction of the two lengths' sum (the paper's 0.25); 0: off
+    replay_sampling: str = "uniform"  # uniform | reward (probability exp(log R), the paper's)
+    replay_seed: bool = False  # start the buffer with the task's worked rationales (arithmetic:
+    #   rationale_key of data_path, through the tool), as the paper's code does
     # loss --------------------------------------------------------------------------------
     loss: str = "subtb"  # "subtb", "tb", "vargrad", "db"
     subtb_lambda: float = 1.0
@@ -110,8 +113,9 @@ class Config:
     #   (log F(s0|X) = log R_floor - log q(STOP|s0,X), per prompt), "log_z" (a learned log Z per
     #   prompt), "global_log_z" (one learned scalar for every prompt: right for one prompt only);
     #   "auto": "policy" for tasks with several prompts, "log_z" for one
-    min_length_log_reward: float = -99.0  # log-reward of states shorter than min_new_tokens
-    #   (before tempering; the paper's -99): they stay in the loss, so q(STOP) there is driven to 0
+    min_length_log_reward: float | None = -99.0  # log-reward of states shorter than
+    #   min_new_tokens (before tempering; the paper's -99): they stay in the loss, so q(STOP)
+    #   there is driven to 0; None (null): they keep their raw reward (no floor)
     # optimisation ------------------------------------------------------------------------
     steps: int = 150
     lr: float = 5e-5
@@ -176,6 +180,7 @@ _CHOICES = {
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "lr_schedule": ("constant", "cosine", "linear"),
     "tool": ("none", "calculator"),
+    "replay_sampling": ("uniform", "reward"),
 }
 _POSITIVE = (
     "batch_size", "max_new_tokens", "steps", "lr", "grad_accum", "eval_batch_size",
@@ -218,7 +223,8 @@ def _check_numbers(cfg: Config) -> None:
             f"explore_temp_low: must be <= explore_temp_high ({cfg.explore_temp_high}), "
             f"got {cfg.explore_temp_low}"
         )
-    if not (math.isfinite(cfg.min_length_log_reward) and cfg.min_length_log_reward <= 0):
+    floor = cfg.min_length_log_reward
+    if floor is not None and not (math.isfinite(floor) and floor <= 0):
         raise ConfigError(
             f"min_length_log_reward: must be finite and <= 0, got {cfg.min_length_log_reward}"
         )

@@ -3,7 +3,9 @@
 Everything GFlowNet-specific between the scores and ``loss.backward()`` lives here:
 
 - the rewards the loss sees: states shorter than ``min_new_tokens`` (where sampling never
-  stops) get the floor ``min_length_log_reward`` instead of their raw reward, then
+  stops) get the floor ``min_length_log_reward`` instead of their raw reward (None: they
+  keep it; docs/TRAINING.md "Arithmetic: why the GFlowNet collapsed" measures what a floor
+  far below log Z does to the flows), then
   everything is divided by the reward temperature (its schedule is here too);
 - dead ends: a row that reaches a state the task says can never become valid is cut there
   and ends as a forced stop (``log q(STOP | dead state) = 0``) with the task's reward;
@@ -127,7 +129,7 @@ class Objective:
         shorter than ``min_new_tokens`` at the floor ``min_length_log_reward``, then divided
         by the reward temperature at ``step``."""
         short = min(self.cfg.min_new_tokens, log_r.shape[1])
-        if short > 0:
+        if short > 0 and self.cfg.min_length_log_reward is not None:
             log_r = log_r.clone()
             log_r[:, :short] = self.cfg.min_length_log_reward
         return log_r / self.reward_temperature(step)
@@ -152,10 +154,8 @@ class Objective:
         (forced stop). The second value is the flow of the initial state the loss used (the
         learned log Z, or the batch mean of the policy's own), for logging."""
         cfg = self.cfg
-        log_pf, log_pterm = log_pf.float(), log_pterm.float()
-        if dead.any():  # a dead end is a forced stop: P(STOP | dead state) = 1
-            at_end = torch.arange(log_pterm.shape[1])[None] == lengths.cpu()[:, None]
-            log_pterm = log_pterm.masked_fill((at_end & dead[:, None]).to(log_pterm.device), 0.0)
+        log_pf = log_pf.float()
+        log_pterm = self.forced_stops(log_pterm.float(), lengths, dead)
         if cfg.log_z_auto_init and not self._log_z_set:
             self._init_log_z(log_pf, log_pterm, log_r, lengths)
         log_z = self.log_z[prompt_index]
@@ -164,6 +164,18 @@ class Objective:
             log_pterm, log_r = self._s0_flow_from_log_z(log_pterm, log_r, log_z)
         flow = log_z if uses_log_z or cfg.loss == "tb" else (log_r[:, 0] - log_pterm[:, 0]).mean()
         return self._loss_of(log_pf, log_pterm, log_r, lengths, log_z), float(flow.detach())
+
+    def forced_stops(self, log_pterm, lengths, dead):
+        """``log_pterm`` with 0 (P(STOP) = 1) at the final state of every row whose stop was
+        forced: a dead end (``dead``), or ``max_new_tokens`` actions, where the sampler has no
+        other move. Left to the policy, that state's stop probability is a free parameter:
+        the loss can balance a row's flows by lowering it (a high F(s_n) = R / P(STOP))
+        instead of by raising the row's action probabilities."""
+        forced = dead.to(lengths.device) | (lengths >= self.cfg.max_new_tokens)
+        if not forced.any():
+            return log_pterm
+        at_end = torch.arange(log_pterm.shape[1], device=lengths.device)[None] == lengths[:, None]
+        return log_pterm.masked_fill((at_end & forced[:, None]).to(log_pterm.device), 0.0)
 
     def _loss_of(self, log_pf, log_pterm, log_r, lengths, log_z):
         cfg = self.cfg

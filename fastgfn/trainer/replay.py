@@ -4,7 +4,10 @@ A new sequence enters when it is not already stored and beats the worst stored o
 is room). A near-duplicate of a stored sequence replaces it only when its log-reward is
 higher: near means within ``min_distance`` token edits, or (``relative_distance`` > 0, the
 paper's 0.25) fewer edits than ``relative_distance`` times the two sequences' summed
-lengths. The buffer serialises to JSON (``state_dict`` / ``load_state_dict``), never pickle;
+lengths. ``sampling`` picks how a prompt's rows are drawn: ``uniform``, or ``reward`` (the
+paper's prioritised replay: row i with probability ``exp(log R_i) / sum_j exp(log R_j)``,
+untempered, so a worked rationale at -6 nats is drawn e^24 times as often as a collapsed one
+at -30). The buffer serialises to JSON (``state_dict`` / ``load_state_dict``), never pickle;
 a state read back is checked field by field (``check_state``). A non-finite log-reward never
 enters.
 
@@ -37,8 +40,15 @@ def edit_distance(a: list[int], b: list[int], cap: int | None = None) -> int:
     return prev[-1]
 
 
+SAMPLINGS = ("uniform", "reward")
+
+
 class ReplayBuffer:
-    def __init__(self, capacity: int, min_distance: int = 0, relative_distance: float = 0.0):
+    def __init__(self, capacity: int, min_distance: int = 0, relative_distance: float = 0.0,
+                 sampling: str = "uniform"):
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        self.sampling = sampling
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if not 0.0 <= relative_distance <= 1.0:
@@ -117,6 +127,10 @@ class ReplayBuffer:
         items = self.entries.get(int(prompt), [])
         if not items:
             raise ValueError(f"replay buffer holds nothing for prompt {prompt}")
+        if self.sampling == "reward":
+            top = items[0][0]  # entries are sorted by log-reward, best first
+            weights = [math.exp(lr - top) for lr, _ in items]
+            return [list(seq) for _, seq in rng.choices(items, weights=weights, k=n)]
         return [list(items[rng.randrange(len(items))][1]) for _ in range(n)]
 
     def sample_with_masks(self, prompt: int, n: int, rng: random.Random):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastgfn.trainer import checkpoint, components, resume
+from fastgfn.trainer.diagnostics import batch_diagnostics, worked_rationale_metrics
 from fastgfn.trainer.evaluation import evaluate
 from fastgfn.trainer.export import export_model, usage
 from fastgfn.trainer.metrics_log import MetricsLogger
@@ -60,7 +61,10 @@ class Trainer:
         micro = [self._micro_step() for _ in range(self.cfg.grad_accum)]
         grad_norm, skipped = self.engine.step()
         self.objective.step(skipped)
-        metrics = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
+        metrics = {}  # the mean over the micro-batches that have the key (sampled-only ones)
+        for k in dict.fromkeys(k for m in micro for k in m):
+            values = [m[k] for m in micro if k in m]
+            metrics[k] = sum(values) / len(values)
         # the step's one host read of device values: the norm and the skip flag together
         grad_norm, skipped = torch.stack([torch.as_tensor(grad_norm, dtype=torch.float32).cpu(),
                                           torch.as_tensor(skipped, dtype=torch.float32).cpu()]
@@ -98,14 +102,14 @@ class Trainer:
                 use_fused=cfg.use_fused_logprobs, vocab_bias=self.rollouts.policy_bias,
                 states=batch.states,
             )
-            loss, flow = self.objective.loss(
-                log_pf, log_pterm, self.objective.tempered_log_rewards(log_r, self.step).to(dev),
-                n.to(dev), dead, batch.prompt_index,
-            )
+            tempered = self.objective.tempered_log_rewards(log_r, self.step).to(dev)
+            loss, flow = self.objective.loss(log_pf, log_pterm, tempered, n.to(dev), dead,
+                                             batch.prompt_index)
         self.engine.backward(poisoned(loss, bool(bad)))
         final = log_r.gather(1, n[:, None]).squeeze(1)  # untempered
         self.rollouts.remember(batch, final.tolist())  # the buffer refuses non-finite rewards
-        return {
+        log_pterm = self.objective.forced_stops(log_pterm.detach(), n.to(dev), dead)
+        return batch_diagnostics(cfg, batch, log_pf, log_pterm, tempered, final) | {
             "loss": float(loss.detach()),
             "log_reward": float(final.mean()),
             "length": float(n.float().mean()),
@@ -244,6 +248,8 @@ class Trainer:
 
     def _log_policy_metrics(self, bar) -> None:
         metrics = self.task.policy_metrics(self.engine, self.cfg.min_new_tokens)
+        metrics.update(worked_rationale_metrics(self.engine, self.task,
+                                                self.rollouts.policy_bias))
         if metrics:
             self.logger.log(self.step, metrics)
             if bar is not None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from fastgfn.trainer.arithmetic_eval.core import solve
+from fastgfn.trainer.arithmetic_eval.core import solve_many
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "gfn-lm-tuning" / "arithmetic_with_tool"
 DEFAULT_TESTS = {
@@ -63,11 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--max_new_tokens", type=int, default=32, help="actions per rationale")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_questions", type=int, default=16,
+                   help="questions decoded together, (1 + k) rows each")
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = p.parse_args(argv)
-    if args.limit < 0 or args.k < 0 or args.max_new_tokens < 1 or args.temperature < 0:
-        p.error("--limit and --k must be >= 0, --max_new_tokens >= 1, --temperature >= 0")
+    if args.limit < 0 or args.k < 0 or args.max_new_tokens < 1 or args.temperature < 0 \
+            or args.batch_questions < 1:
+        p.error("--limit and --k must be >= 0, --max_new_tokens and --batch_questions >= 1, "
+                "--temperature >= 0")
     try:
         args.policies = [parse_policy(s) for s in args.policy]
         args.tests = dict(parse_test(s) for s in args.test) or dict(DEFAULT_TESTS)
@@ -144,10 +148,15 @@ def evaluate_method(model, task, cfg, args, questions, answers, fewshot: bool) -
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     rows, greedy_ok, vote_ok = [], 0, 0
-    for q, a in zip(questions, answers):
-        out = solve(model, task, task.question_prompt(q, fewshot), k=args.k,
-                    temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                    min_new_tokens=cfg.min_new_tokens, generator=gen)
+    prompts = [task.question_prompt(q, fewshot) for q in questions]
+    outs: list = [None] * len(questions)
+    for group in question_batches(prompts, args.batch_questions):
+        solved = solve_many(model, task, [prompts[i] for i in group], k=args.k,
+                            temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                            min_new_tokens=cfg.min_new_tokens, generator=gen)
+        for i, out in zip(group, solved):
+            outs[i] = out
+    for q, a, out in zip(questions, answers, outs):
         truth = int(str(a).strip())
         greedy_ok += out["greedy"] == truth
         vote_ok += out["majority"] == truth
@@ -159,6 +168,14 @@ def evaluate_method(model, task, cfg, args, questions, answers, fewshot: bool) -
         "greedy_with_answer": sum(r["greedy"] is not None for r in rows) / n,
         "seconds": time.time() - t0, "fewshot_prompt": fewshot, "rows": rows,
     }
+
+
+def question_batches(prompts: list, size: int) -> list[list[int]]:
+    """The questions' indices in batches of at most ``size`` whose prompts have one length."""
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(p.numel(), []).append(i)
+    return [ids[j:j + size] for ids in by_length.values() for j in range(0, len(ids), size)]
 
 
 def format_table(name: str, results: dict, args) -> str:
@@ -187,7 +204,18 @@ def run(args) -> dict:
             r = results[name][label]
             print(f"{label} on {name}: greedy {r['greedy_accuracy']:.3f}, majority "
                   f"{r['majority_accuracy']}, {r['seconds']:.0f} s", file=sys.stderr, flush=True)
-    return {"settings": settings(args, cfg), "results": results}
+    return {"settings": settings(args, cfg), "accuracy": accuracy_summary(results),
+            "results": results}
+
+
+def accuracy_summary(results: dict) -> dict:
+    """``{test set: {method: {"greedy": %, "majority": % or None}}}``."""
+    def pct(x):
+        return None if x is None else round(100 * x, 2)
+
+    return {name: {label: {"greedy": pct(r["greedy_accuracy"]),
+                           "majority": pct(r["majority_accuracy"])}
+                   for label, r in per.items()} for name, per in results.items()}
 
 
 def settings(args, cfg) -> dict:
@@ -197,7 +225,24 @@ def settings(args, cfg) -> dict:
         "k": args.k, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
         "tool": cfg.tool, "fewshot_examples": cfg.fewshot_examples, "seed": args.seed,
         "policies": [list(p) for p in args.policies], "torch_threads": torch.get_num_threads(),
+        "batch_questions": args.batch_questions, "machine": machine_name(),
     }
+
+
+def machine_name() -> str:
+    """The CPU model (from /proc/cpuinfo) and the number of cores the process may use."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def main(argv=None) -> None:

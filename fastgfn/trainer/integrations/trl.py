@@ -311,11 +311,12 @@ class GFNTrainer(_BaseTrainer):
             attention_mask=inputs["attention_mask"], fused=self.args.use_fused_logprobs))
 
     def gfn_loss(self, log_pf, log_pterm, log_r, lengths, group_ids) -> torch.Tensor:
-        """The configured loss of a scored batch; ``log_r`` already tempered."""
-        if self.args.loss == "vargrad":
-            return fastgfn.vargrad_loss(log_pf.float(), log_pterm.float(), log_r, lengths,
-                                        group_ids)
+        """The configured loss of a scored batch; ``log_r`` already tempered; the stop of a
+        row at ``max_completion_length`` is forced (``Objective.forced_stops``)."""
         dead = torch.zeros(lengths.shape[0], dtype=torch.bool)
+        if self.args.loss == "vargrad":
+            log_pterm = self.objective.forced_stops(log_pterm.float(), lengths, dead)
+            return fastgfn.vargrad_loss(log_pf.float(), log_pterm, log_r, lengths, group_ids)
         return self.objective.loss(log_pf, log_pterm, log_r, lengths, dead)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

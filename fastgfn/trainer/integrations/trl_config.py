@@ -149,7 +149,8 @@ def objective_config(args: GFNConfig, dataset) -> SimpleNamespace:
     return SimpleNamespace(
         loss=args.loss, subtb_lambda=args.subtb_lambda, log_z_init=args.log_z_init,
         log_z_lr=args.log_z_lr, log_z_auto_init=args.log_z_auto_init,
-        min_new_tokens=args.min_completion_length, reward_temperature=args.reward_temperature,
+        min_new_tokens=args.min_completion_length, max_new_tokens=args.max_completion_length,
+        reward_temperature=args.reward_temperature,
         reward_temperature_end=args.reward_temperature_end,
         reward_temperature_steps=args.reward_temperature_steps, dead_ends=False,
         initial_flow="policy" if args.loss in ("subtb", "db") and several else "global_log_z",

@@ -50,10 +50,15 @@ class TransformersDecoder:
 
 class _TransformersDecoding:
     """The prompt once (batch 1), its KV cache expanded over the batch, then one token per
-    step for the rows still running."""
+    step for the rows still running. A 2-D ``prompt_ids [B, P]`` gives every row its own
+    prompt (all of one length): they run as one batch."""
 
     def __init__(self, model, prompt_ids, batch_size: int):
         self.model, self.kw = model, cache_kwarg(model)
+        if prompt_ids.dim() == 2:
+            out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
+            self.cache, self.first_logits = output_cache(out), out.logits[:, -1]
+            return
         out = model(input_ids=prompt_ids[None], use_cache=True, logits_to_keep=1)
         self.cache = expand_cache(output_cache(out), batch_size)
         self.first_logits = out.logits[:, -1].expand(batch_size, -1)

@@ -219,6 +219,9 @@ class LeanDecoding:
 
     def __init__(self, decoder: LeanDecoder, prompt_ids, batch_size: int, max_new_tokens: int):
         d = decoder
+        if prompt_ids.dim() != 1:
+            raise ValueError("prompt_ids: the lean decoder continues one prompt (1-D), got "
+                             f"shape {tuple(prompt_ids.shape)}")
         P = prompt_ids.numel()
         self.decoder, self.position = d, P
         length = P + max_new_tokens

@@ -1,6 +1,7 @@
 """Batched sampling of continuations with no gradient, sharing one prompt's KV cache.
 
-Every row of a batch continues the same prompt. The prompt runs once (batch 1); its KV cache
+Every row of a batch continues the same prompt (or, for evaluation, each row its own prompt
+of a common length, run as one batch). The prompt runs once (batch 1); its KV cache
 is expanded over the batch and decoding proceeds one token per step for all rows. A row
 stops when it samples the termination token; afterwards it is fed ``pad_token_id`` and its
 outputs are ignored. All rows decode the same number of steps; under ``torch.distributed``
@@ -117,9 +118,13 @@ def keep_in_rows(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def _checked_temperatures(prompt_ids, batch_size, max_new_tokens, min_new_tokens,
                           temperatures, vocab_bias) -> torch.Tensor:
     """Validate ``sample``'s arguments; the per-row temperatures as ``[B]`` float32."""
-    if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
+    one_prompt = prompt_ids.dim() == 1 and prompt_ids.numel() > 0
+    per_row = prompt_ids.dim() == 2 and prompt_ids.shape[0] == batch_size \
+        and prompt_ids.shape[1] > 0
+    if not (one_prompt or per_row):
         raise ValueError(
-            f"prompt_ids must be a non-empty 1-D tensor, got {tuple(prompt_ids.shape)}"
+            f"prompt_ids must be a non-empty 1-D tensor or one prompt per row [{batch_size}, P], "
+            f"got {tuple(prompt_ids.shape)}"
         )
     if vocab_bias is not None and vocab_bias.dim() == 2 and vocab_bias.shape[0] != batch_size:
         raise ValueError(
@@ -177,7 +182,8 @@ def sample(
     param_context=None,
     tool=None,
 ) -> Rollout:
-    """Sample ``batch_size`` continuations of ``prompt_ids`` (1-D) from ``model`` (a
+    """Sample ``batch_size`` continuations of ``prompt_ids`` (1-D; or ``[batch_size, P]``, a
+    prompt per row, all of one length, with a transformers model) from ``model`` (a
     transformers causal LM or a ``decoding.Decoder``): each token from
     ``softmax((logits + logit_bias) / temperature + vocab_bias)`` (temperature 0: greedy).
     ``logit_bias`` ([V]) is part of the policy (the paper's illegal-token bias); ``vocab_bias``

@@ -80,14 +80,40 @@ def load_fewshot(path, question_key: str, answer_key: str, rationale_key: str, k
     return "".join(lines)
 
 
+def encode_worked(tokenizer, rationale: str, results) -> tuple[list[int], list[bool]]:
+    """A worked rationale "6 - 0 =, 6 - 4 =" as sampling with the tool produces it: each
+    step's text up to its "=" encoded on its own (actions), then ``results(ids so far, text so
+    far)``, the tool's result tokens after a step that ends with "=" (not actions; [] for
+    none). ``(token ids, action mask)``, without the termination token."""
+    ids, mask, text = [], [], ""
+    pieces = (" " + rationale.strip()).split("=")
+    for k, piece in enumerate(pieces):
+        step = piece + ("=" if k < len(pieces) - 1 else "")
+        if not step:
+            continue
+        new = tokenizer.encode(step, add_special_tokens=False)
+        ids, mask, text = ids + new, mask + [True] * len(new), text + step
+        if step.endswith("="):
+            res = list(results(ids, text))
+            ids, mask = ids + res, mask + [False] * len(res)
+            text += tokenizer.decode(res) if res else ""
+    return ids, mask
+
+
 def sft_pairs(cfg, tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
     """The SFT baseline's examples (``python -m fastgfn.trainer.baselines.sft``): per training
     problem, ``(prompt ids, completion ids, loss mask)``. The prompt is the policy's (the
     question, after the few-shot prefix with ``fewshot_in_policy``); the completion is the
-    worked rationale as sampling with the calculator produces it: each step's text up to its
-    "=" encoded on its own (actions, in the loss), the calculator's result tokens (mask 0:
-    the policy never chooses them), then the termination token (in the loss)."""
+    worked rationale as sampling with the calculator produces it (``encode_worked``: the
+    calculator's result tokens get mask 0, the policy never chooses them), then the
+    termination token (in the loss)."""
     from fastgfn.trainer.tools.calculator import result_text, step_expression
+
+    def results(ids, text):
+        value = evaluate(step_expression(text) or "", max_operands=cfg.tool_max_operands,
+                         max_digits=cfg.tool_max_digits)
+        return [] if value is None else tokenizer.encode(result_text(value),
+                                                         add_special_tokens=False)
 
     questions, _ = load_examples(cfg.data_path, cfg.question_key, cfg.answer_key)
     items = _read_items(Path(cfg.data_path), "data_path")
@@ -100,21 +126,16 @@ def sft_pairs(cfg, tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
                               "(rationale_key), which SFT needs")
         prompt = tokenizer.encode(prefix + cfg.prompt_template.format(question=q),
                                   add_special_tokens=False)
-        ids, mask, text = [], [], ""
-        pieces = (" " + str(x[cfg.rationale_key])).split("=")
-        for k, piece in enumerate(pieces):
-            step = piece + ("=" if k < len(pieces) - 1 else "")
-            if not step:
-                continue
-            new = tokenizer.encode(step, add_special_tokens=False)
-            ids, mask, text = ids + new, mask + [1] * len(new), text + step
-            value = evaluate(step_expression(text) or "", max_operands=cfg.tool_max_operands,
-                         max_digits=cfg.tool_max_digits) if step.endswith("=") else None
-            if value is not None:
-                res = tokenizer.encode(result_text(value), add_special_tokens=False)
-                ids, mask, text = ids + res, mask + [0] * len(res), text + result_text(value)
-        out.append((prompt, ids + term, mask + [1] * len(term)))
+        ids, mask = encode_worked(tokenizer, str(x[cfg.rationale_key]), results)
+        out.append((prompt, ids + term, [int(m) for m in mask] + [1] * len(term)))
     return out
+
+
+def worked_rationales(cfg) -> list[str | None]:
+    """Per training problem, its worked rationale (``rationale_key``), None where absent."""
+    items = _read_items(Path(cfg.data_path), "data_path")
+    return [str(x[cfg.rationale_key]) if isinstance(x, dict) and x.get(cfg.rationale_key)
+            else None for x in items]
 
 
 class ArithmeticTask(LatentReasoningTask):
@@ -123,8 +144,9 @@ class ArithmeticTask(LatentReasoningTask):
     def __init__(self, tokenizer, questions, answers, reward, *, fewshot: str = "",
                  fewshot_in_policy: bool = False, eval_questions: list[str] | None = None,
                  eval_answers: list[str] | None = None, eval_max_new_tokens: int = 32,
-                 eval_count: int = 0, **kwargs):
+                 eval_count: int = 0, worked: list[str | None] | None = None, **kwargs):
         super().__init__(tokenizer, questions, answers, reward, **kwargs)
+        self.worked = worked  # per question, its worked rationale text (None: unknown)
         self.prompt_template = kwargs.get("prompt_template", "{question}")
         self.fewshot = fewshot
         self.fewshot_in_policy = bool(fewshot_in_policy)
@@ -162,6 +184,7 @@ class ArithmeticTask(LatentReasoningTask):
             fewshot=cls._fewshot(cfg), fewshot_in_policy=cfg.fewshot_in_policy,
             eval_questions=eval_q, eval_answers=eval_a,
             eval_max_new_tokens=cfg.max_new_tokens, eval_count=cfg.eval_questions,
+            worked=worked_rationales(cfg),
             prompt_template=cfg.prompt_template, answer_template=cfg.answer_template,
             termination=cfg.termination, use_fused=cfg.use_fused_logprobs,
             illegal_token_bias=cfg.illegal_token_bias,
@@ -188,6 +211,19 @@ class ArithmeticTask(LatentReasoningTask):
     def reward_prompt_tokens(self, index: int) -> torch.Tensor:
         """The reward LM reads F X."""
         return self.with_fewshot(self.question_tokens(index))
+
+    def worked_rows(self) -> list[tuple[list[int], list[bool]] | None] | None:
+        """Per training question, its worked rationale as the sampler with this task's tool
+        produces it (``encode_worked``: the tool's results are its own ``result_tokens``)."""
+        if not self.worked or not any(self.worked):
+            return None
+        tool = self.tool()
+
+        def results(ids, text):
+            return tool.call(ids) if tool is not None and ids[-1] in tool.trigger_ids else []
+
+        return [None if w is None else encode_worked(self.tokenizer, w, results)
+                for w in self.worked[: self.num_prompts()]]
 
     # the vocabulary -----------------------------------------------------------------------
     def illegal_token_ids(self) -> list[int]:

@@ -92,6 +92,12 @@ class Task:
         temperature) or is scored, or None."""
         return None
 
+    def worked_rows(self) -> list[tuple[list[int], list[bool]] | None] | None:
+        """Per prompt, a known good continuation as the sampler would produce it, ``(token
+        ids without the termination token, action mask)`` (None for a prompt without one),
+        or None when the task has none. ``replay_seed`` starts the buffer with them."""
+        return None
+
     def policy_metrics(self, engine, min_new_tokens: int) -> dict:
         """Exact metrics of the policy (no sampling), or {} when the task has none."""
         return {}

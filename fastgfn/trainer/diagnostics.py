@@ -1,0 +1,102 @@
+"""What a run measures about itself beyond the loss (docs/TRAINING.md, "Arithmetic: why the
+GFlowNet collapsed"): per micro-batch, the share of the SubTB loss that comes from
+sub-trajectories starting at a floor state (shorter than ``min_new_tokens``), and on sampled
+batches an estimate of the true log Z(X) beside the flow of s_0 the loss uses; every
+``eval_every`` steps, the policy's log-probability of the task's worked rationales.
+
+The log Z estimate is ``log mean_b exp(log R(z_b) / T - log q(z_b))`` over the batch's
+rows z_b drawn from the behaviour policy q (the policy itself at temperature 1; a tempered
+batch makes it a rougher estimate): an importance-sampling estimate of log sum_z R(z)^(1/T),
+low in expectation, that a converged GFlowNet's log F(s_0) equals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import fastgfn
+
+
+def subtb_pair_terms(log_pf, log_pterm, log_r, lengths, lam: float):
+    """``(squared residuals, weights)``, both ``[B, S+1, S+1]``, of modified SubTB's pairs of
+    states i < j <= n_b: ``F_i + sum_{i <= t < j} log_pf_t - F_j`` with ``F = log R - log
+    q(STOP)``, weighted ``lam ** (j - i - 1)`` (0 outside a row's pairs)."""
+    B, S1 = log_pterm.shape
+    flow = (log_r - log_pterm).double()
+    cum = torch.cat([flow.new_zeros(B, 1), log_pf.double().cumsum(1)], 1)[:, :S1]
+    res = flow[:, :, None] + cum[:, None, :] - cum[:, :, None] - flow[:, None, :]
+    i = torch.arange(S1, device=flow.device)
+    gap = i[None, :] - i[:, None]
+    inside = (gap > 0)[None] & (i[None, None, :] <= lengths.to(flow.device)[:, None, None])
+    weights = torch.where(inside, torch.as_tensor(lam, dtype=flow.dtype) ** (gap - 1).clamp(min=0),
+                          torch.zeros((), dtype=flow.dtype))
+    return res.pow(2), weights
+
+
+@torch.no_grad()
+def floor_loss_share(log_pf, log_pterm, log_r, lengths, min_new_tokens: int, lam: float):
+    """The fraction of the (weighted) SubTB loss from pairs whose first state is a floor
+    state (i < ``min_new_tokens``); 0 when there is none."""
+    if min_new_tokens <= 0:
+        return 0.0
+    sq, w = subtb_pair_terms(log_pf, log_pterm, log_r, lengths, lam)
+    total = float((sq * w).sum())
+    floor = float((sq * w)[:, :min_new_tokens].sum())
+    return floor / total if total > 0 else 0.0
+
+
+@torch.no_grad()
+def log_z_estimate(log_pf, log_pterm, log_r, lengths) -> float:
+    """``log mean_b exp(log R(z_b) - log q(z_b))`` over the rows (``log_r`` tempered)."""
+    log_w = -fastgfn.trajectory_log_ratio(log_pf.float(), log_pterm.float(), log_r.float(),
+                                          lengths)
+    log_w = log_w[torch.isfinite(log_w)]
+    if log_w.numel() == 0:
+        return float("nan")
+    return float(torch.logsumexp(log_w.double(), 0) - math.log(log_w.numel()))
+
+
+def batch_diagnostics(cfg, batch, log_pf, log_pterm, log_r, final) -> dict:
+    """The micro-batch's diagnostics (``log_r`` tempered as the loss sees it, ``final`` the
+    untempered final log-rewards): the floor share always, the sampled rows' log-reward,
+    length and log Z estimate on batches that were not replayed."""
+    n = batch.num_actions.to(log_pf.device)
+    out = {"floor_loss_share": floor_loss_share(log_pf.detach(), log_pterm.detach(), log_r, n,
+                                                cfg.min_new_tokens, cfg.subtb_lambda)}
+    if not batch.replayed:
+        out.update(sampled_log_reward=float(final.mean()),
+                   sampled_length=float(batch.num_actions.float().mean()),
+                   log_z_estimate=log_z_estimate(log_pf.detach(), log_pterm.detach(), log_r, n))
+    return out
+
+
+@torch.no_grad()
+def worked_rationale_metrics(engine, task, policy_bias, limit: int = 50) -> dict:
+    """The policy's mean ``log q(z)`` (actions and the final stop, with its logit bias) and
+    the mean untempered log-reward of the task's worked rationales (the first ``limit``);
+    {} when the task has none."""
+    from fastgfn.trainer.models import eval_mode
+    from fastgfn.trainer.replay_seed import worked_batch
+    from fastgfn.trainer.scoring import gfn_logprobs
+
+    rows = task.worked_rows()
+    if not rows:
+        return {}
+    log_q, log_r, dev = [], [], engine.device
+    with eval_mode(engine.module) as model:
+        for p, item in list(enumerate(rows))[:limit]:
+            if item is None:
+                continue
+            tokens, lengths, states = worked_batch(item[0], item[1], task.pad_token_id)
+            pf, pterm = gfn_logprobs(model, task.prompt_tokens(p).to(dev), tokens.to(dev),
+                                     task.termination_token_id, vocab_bias=policy_bias,
+                                     states=None if states is None else states.to(dev))
+            n = sum(item[1])
+            log_q.append(float(pf[0, :n].sum() + pterm[0, n]))
+            r = task.state_log_rewards(p, [item[0]], tokens.shape[1], states)
+            log_r.append(float(r[0, n]))
+    if not log_q:
+        return {}
+    return {"worked_log_q": sum(log_q) / len(log_q), "worked_log_reward": sum(log_r) / len(log_r)}
