@@ -141,3 +141,33 @@ def test_seeded_replay_finds_the_mode_that_exploration_misses(tmp_path, monkeypa
     assert abs(ks0 - kl0) < 1e-9  # the same initial policy
     assert kl1 > 0.5 * kl0 and m1 < 0.05
     assert ks1 < 0.1 * ks0 and ms1 > 0.5
+
+
+def test_reward_gap_scores_every_complete_prefix(arith):
+    """``arithmetic_eval.reward_gap``: one log-reward per state that ends right after a
+    calculator result, the last the worked rationale's own (as seeded), each equal to the
+    reward of that prefix scored alone; the summary counts what it says."""
+    from fastgfn.trainer.arithmetic_eval.reward_gap import result_states, reward_gaps, summary
+    from fastgfn.trainer.replay_seed import worked_batch, worked_log_rewards
+
+    assert result_states([True, True, False, True, False, False, True]) == [2, 3]
+    _, task = arith
+    gaps = reward_gaps(task)
+    finals = {p: lr for p, _, _, lr in worked_log_rewards(task)}
+    for g, (row, mask) in zip(gaps, task.worked_rows()):
+        assert g["log_rewards"][-1] == pytest.approx(finals[g["prompt"]], abs=1e-5)
+        ends = result_states(mask)
+        assert len(g["log_rewards"]) == len(ends) >= 2
+        # the first complete step, cut off and scored on its own
+        cut = [i for i in range(len(mask)) if sum(mask[: i + 1]) <= ends[0]]
+        stop = max(cut) + 1
+        while stop < len(mask) and not mask[stop]:
+            stop += 1
+        short, smask = row[:stop], mask[:stop]
+        tokens, _, states = worked_batch(short, smask, task.pad_token_id)
+        alone = task.state_log_rewards(g["prompt"], [short], tokens.shape[1], states)
+        assert g["log_rewards"][0] == pytest.approx(float(alone[0, ends[0]]), abs=1e-4)
+    s = summary(gaps)
+    leads = [g["log_rewards"][-1] - max(g["log_rewards"][:-1]) for g in gaps]
+    assert s["problems"] == len(gaps) and s["wrong_scores_higher"] == sum(x < 0 for x in leads)
+    assert 0.0 < s["correct_share"]["1.0"] < 1.0
