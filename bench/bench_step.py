@@ -26,7 +26,10 @@ fastgfn step alone, see ``floor_worker``); fastgfn's option ``+infmode`` runs th
 reward pass under ``torch.inference_mode`` instead of ``no_grad``. ``@1`` runs that method on
 one thread (default ``--threads``), ``@2p`` on two with ``OMP_WAIT_POLICY=PASSIVE``.
 fastgfn samples as the engine does by default (``--sample_dtype auto``:
-``resolve_sample_dtype``, a bf16 replica only on a CPU with native bf16 matmuls).
+``resolve_sample_dtype``, a bf16 replica only on a CPU with native bf16 matmuls). The run
+prints and records (``--json``: ``machine``) the machine it ran on, from
+``fastgfn.trainer.machine``: CPU model, cores, AVX2 / AVX-512 / AVX-512 BF16 / AMX, and
+whether bf16 matmuls are native or emulated there.
 
     python bench/bench_step.py [--rounds 3] [--steps 3] [--methods paper,fastgfn,floor]
         [--batch 16] [--tokens 30] [--model smollm2|tiny] [--sample_dtype auto]
@@ -486,6 +489,14 @@ def main():
         except ValueError as exc:
             ap.error(str(exc))
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    from fastgfn.trainer.machine import describe_machine, machine_line
+
+    machine = describe_machine()
+    print("machine:", machine_line(machine), flush=True)
+    if machine["bf16_matmuls"] == "emulated":
+        print("machine: bf16 matmuls are emulated on this CPU (no AMX / AVX-512 BF16): the "
+              "sampling replica stays fp32 and bf16 timings would not show the format's "
+              "speed", flush=True)
     print("before:", uptime(), flush=True)
     runs = {spec: [] for spec in specs}
     for rnd in range(args.rounds):
@@ -493,7 +504,8 @@ def main():
             res = _run_worker(spec, args)
             runs[spec].append(res)
             if args.json:  # after every worker, so a stopped run keeps what it measured
-                Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}))
+                Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine,
+                                                       "runs": runs}))
             took = res.get("floor_s") or _median(res["step_s_all"])
             print(f"round {rnd + 1}: {spec} {took:.2f} s (load {res['load_before'][0]:.1f} -> "
                   f"{res['load_after'][0]:.1f})", flush=True)
@@ -501,8 +513,8 @@ def main():
     results = {spec: summarise(r) for spec, r in runs.items()}
     report(results)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results,
-                                               "runs": runs}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine,
+                                               "results": results, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

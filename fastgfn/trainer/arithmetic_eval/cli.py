@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from fastgfn.trainer.arithmetic_eval.core import solve_many
+from fastgfn.trainer.machine import machine_line
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "gfn-lm-tuning" / "arithmetic_with_tool"
 DEFAULT_TESTS = {
@@ -225,24 +226,8 @@ def settings(args, cfg) -> dict:
         "k": args.k, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
         "tool": cfg.tool, "fewshot_examples": cfg.fewshot_examples, "seed": args.seed,
         "policies": [list(p) for p in args.policies], "torch_threads": torch.get_num_threads(),
-        "batch_questions": args.batch_questions, "machine": machine_name(),
+        "batch_questions": args.batch_questions, "machine": machine_line(),
     }
-
-
-def machine_name() -> str:
-    """The CPU model (from /proc/cpuinfo) and the number of cores the process may use."""
-    import os
-    import platform
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def main(argv=None) -> None:
