@@ -1,12 +1,12 @@
 """Decoding rationales with the tool and reading their answers.
 
-``solve`` draws, for one question, one rollout of ``1 + k`` rows: row 0 decoded greedily,
-rows 1..k sampled at ``temperature`` (the paper's 0.1), every row with the task's tool and its
+``solve_many`` draws, for each of several questions whose prompts have one length, ``1 + k``
+rows in a single rollout (a prompt per row): the question's row 0 decoded greedily, its rows
+1..k sampled at ``temperature`` (the paper's 0.1), every row with the task's tool and its
 policy logit bias (the vocabulary constraint; ``ArithmeticTask.decode``); each rationale's
 answer is ``tasks.arithmetic.final_answer``. The greedy answer is row 0's; the majority
 answer is the most frequent answer among rows 1..k that have one (ties: the one that
-appeared first). ``solve_many`` does the same for several questions whose prompts have one
-length in a single rollout (a prompt per row), which is how the command runs a test set.
+appeared first).
 """
 
 from __future__ import annotations
@@ -22,22 +22,12 @@ def majority(answers: list) -> int | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def solve(model, task, prompt_ids: torch.Tensor, *, k: int, temperature: float,
-          max_new_tokens: int, min_new_tokens: int = 1, generator=None) -> dict:
-    """Greedy and majority-vote answers to one question (see the module docstring):
-    ``{"greedy", "majority", "texts", "answers", "terminated", "actions"}``."""
-    temps = torch.tensor([0.0] + [float(temperature)] * k)
-    r, texts, answers = task.decode(model, prompt_ids, temps, max_new_tokens=max_new_tokens,
-                                    min_new_tokens=min_new_tokens, generator=generator)
-    return {"greedy": answers[0], "majority": majority(answers[1:]), "texts": texts,
-            "answers": answers, "terminated": r.terminated.tolist(),
-            "actions": r.num_actions.tolist()}
-
-
 def solve_many(model, task, prompts: list[torch.Tensor], *, k: int, temperature: float,
                max_new_tokens: int, min_new_tokens: int = 1, generator=None) -> list[dict]:
-    """``solve`` for several questions at once: ``prompts`` (1-D, all of one length) go into
-    one rollout of ``len(prompts) * (1 + k)`` rows, question q's rows together."""
+    """Greedy and majority-vote answers to each question (see the module docstring), one dict
+    per prompt: ``{"greedy", "majority", "texts", "answers", "terminated", "actions"}``.
+    ``prompts`` (1-D, all of one length) go into one rollout of ``len(prompts) * (1 + k)``
+    rows, question q's rows together."""
     if not prompts:
         return []
     if len({p.numel() for p in prompts}) != 1:
