@@ -19,6 +19,8 @@ import types
 
 import torch
 
+from fastgfn.trainer.machine import native_bf16_matmuls
+
 _PACKED = "_fastgfn_packed_weight"
 
 
@@ -27,8 +29,7 @@ def packing_supported(dtype: torch.dtype) -> bool:
     the fp32 path is not faster, and fp16 needs AVX512-FP16)."""
     if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
-    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(is_supported is not None and is_supported())
+    return native_bf16_matmuls()
 
 
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import copy
 
 import torch
 
+from fastgfn.trainer.machine import native_bf16_matmuls
 from fastgfn.trainer.sampling.decoding import Decoder, TransformersDecoder
 
 
@@ -18,8 +19,7 @@ def resolve_sample_dtype(requested: str, model, zero_stage: int) -> str:
     if requested != "auto":
         return requested
     param = next(model.parameters())
-    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if param.device.type == "cpu" and param.dtype == torch.float32 and native_bf16:
+    if param.device.type == "cpu" and param.dtype == torch.float32 and native_bf16_matmuls():
         return "bfloat16" if zero_stage != 3 else "model"
     return "model"
 
