@@ -78,25 +78,21 @@ def worked_rationale_metrics(engine, task, policy_bias, limit: int = 50) -> dict
     the mean untempered log-reward of the task's worked rationales (the first ``limit``);
     {} when the task has none."""
     from fastgfn.trainer.models import eval_mode
-    from fastgfn.trainer.replay_seed import worked_batch
+    from fastgfn.trainer.replay_seed import scored_worked_rows
     from fastgfn.trainer.scoring import gfn_logprobs
 
-    rows = task.worked_rows()
-    if not rows:
-        return {}
     log_q, log_r, dev = [], [], engine.device
     with eval_mode(engine.module) as model:
-        for p, item in list(enumerate(rows))[:limit]:
-            if item is None:
-                continue
-            tokens, lengths, states = worked_batch(item[0], item[1], task.pad_token_id)
-            pf, pterm = gfn_logprobs(model, task.prompt_tokens(p).to(dev), tokens.to(dev),
-                                     task.termination_token_id, vocab_bias=policy_bias,
-                                     states=None if states is None else states.to(dev))
-            n = sum(item[1])
+        for w in scored_worked_rows(task):
+            if w.prompt >= limit:
+                break
+            pf, pterm = gfn_logprobs(model, task.prompt_tokens(w.prompt).to(dev),
+                                     w.tokens.to(dev), task.termination_token_id,
+                                     vocab_bias=policy_bias,
+                                     states=None if w.states is None else w.states.to(dev))
+            n = sum(w.mask)
             log_q.append(float(pf[0, :n].sum() + pterm[0, n]))
-            r = task.state_log_rewards(p, [item[0]], tokens.shape[1], states)
-            log_r.append(float(r[0, n]))
+            log_r.append(float(w.log_rewards[n]))
     if not log_q:
         return {}
     return {"worked_log_q": sum(log_q) / len(log_q), "worked_log_reward": sum(log_r) / len(log_r)}

@@ -12,6 +12,9 @@ untempered final log-reward, computed at the states as the trainer does.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 
 from fastgfn.trainer.errors import ConfigError
@@ -30,23 +33,36 @@ def worked_batch(row: list[int], mask: list[bool], pad_token_id: int):
     return tokens, lengths, states
 
 
+class ScoredWorkedRow(NamedTuple):
+    prompt: int
+    row: list[int]
+    mask: list[bool]
+    tokens: torch.Tensor  # [1, T]
+    states: torch.Tensor | None  # state positions (None: every token is an action)
+    log_rewards: torch.Tensor  # [T + 1] untempered, at the states; the final one at sum(mask)
+
+
 @torch.no_grad()
-def worked_log_rewards(task) -> list[tuple[int, list[int], list[bool], float]]:
-    """``(prompt, row, action mask, untempered final log-reward)`` of every worked row."""
-    rows = task.worked_rows()
-    if not rows:
-        raise ConfigError(f"replay_seed: task {task.name!r} has no worked rationales to seed "
-                          "the buffer with (arithmetic: rationale_key in data_path)")
-    out = []
-    for p, item in enumerate(rows):
+def scored_worked_rows(task) -> Iterator[ScoredWorkedRow]:
+    """Every worked row of ``task`` (prompts without one skipped) with its untempered
+    log-rewards at the states, computed as the trainer does (``Task.state_log_rewards``)."""
+    for p, item in enumerate(task.worked_rows() or []):
         if item is None:
             continue
         row, mask = item
-        tokens, lengths, states = worked_batch(row, mask, task.pad_token_id)
-        log_r = task.state_log_rewards(p, [row], tokens.shape[1], states)
-        n = sum(mask)
-        out.append((p, row, mask, float(log_r[0, n])))
-    return out
+        tokens, _, states = worked_batch(row, mask, task.pad_token_id)
+        log_r = task.state_log_rewards(p, [row], tokens.shape[1], states)[0]
+        yield ScoredWorkedRow(p, row, mask, tokens, states, log_r)
+
+
+def worked_log_rewards(task) -> list[tuple[int, list[int], list[bool], float]]:
+    """``(prompt, row, action mask, untempered final log-reward)`` of every worked row."""
+    scored = [(w.prompt, w.row, w.mask, float(w.log_rewards[sum(w.mask)]))
+              for w in scored_worked_rows(task)]
+    if not scored and not task.worked_rows():
+        raise ConfigError(f"replay_seed: task {task.name!r} has no worked rationales to seed "
+                          "the buffer with (arithmetic: rationale_key in data_path)")
+    return scored
 
 
 def seed_buffer(buffer: ReplayBuffer, task, min_actions: int = 0,

@@ -38,20 +38,15 @@ def result_states(mask: list[bool]) -> list[int]:
 def reward_gaps(task) -> list[dict]:
     """Per worked rationale: ``{"prompt", "text", "log_rewards"}``, the log-rewards at its
     result states, the full rationale last."""
-    from fastgfn.trainer.replay_seed import worked_batch
+    from fastgfn.trainer.replay_seed import scored_worked_rows
 
     out = []
-    for p, item in enumerate(task.worked_rows() or []):
-        if item is None:
-            continue
-        row, mask = item
-        tokens, _, states = worked_batch(row, mask, task.pad_token_id)
-        log_r = task.state_log_rewards(p, [row], tokens.shape[1], states)[0]
-        ends = result_states(mask)
-        if not ends or ends[-1] != sum(mask):
-            ends.append(sum(mask))  # a rationale that does not end with a result
-        out.append({"prompt": p, "text": task.text(row),
-                    "log_rewards": [float(log_r[n]) for n in ends]})
+    for w in scored_worked_rows(task):
+        ends = result_states(w.mask)
+        if not ends or ends[-1] != sum(w.mask):
+            ends.append(sum(w.mask))  # a rationale that does not end with a result
+        out.append({"prompt": w.prompt, "text": task.text(w.row),
+                    "log_rewards": [float(w.log_rewards[n]) for n in ends]})
     return out
 
 
