@@ -58,6 +58,22 @@ def subtb_pair_sums_backward_reference(
     return d_pf, d_potential, -d_potential
 
 
+def subtb_pair_terms_reference(
+    log_pf: torch.Tensor,
+    log_pterm: torch.Tensor,
+    log_r: torch.Tensor,
+    lengths: torch.Tensor,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w, res)``, both ``[B, T+1, T+1]`` float64: the weight ``lam ** (j - i - 1)`` (not
+    rescaled) and the residual of every pair ``0 <= i < j <= n`` of every sequence, 0 outside
+    its pairs, so that ``sum w * res**2 / sum w`` is the loss's ``"mean"`` reduction and any
+    subset of the pairs gives its share of it."""
+    _, _, (w, res, _) = _pairs(log_pf, log_pterm, log_r, lengths, lam)
+    scale = pair_sums_log_scale(lengths.to(w.device), lam, w.dtype).exp()
+    return w * scale[:, None, None], res
+
+
 def pair_sums_log_scale(lengths: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
     """``log`` of the factor that turns the returned ``num, den`` into the plain weighted sums:
     ``(n - 1) log lam`` for lam > 1 (0 for empty sequences), 0 for lam <= 1."""

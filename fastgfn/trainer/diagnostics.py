@@ -17,22 +17,7 @@ import math
 import torch
 
 import fastgfn
-
-
-def subtb_pair_terms(log_pf, log_pterm, log_r, lengths, lam: float):
-    """``(squared residuals, weights)``, both ``[B, S+1, S+1]``, of modified SubTB's pairs of
-    states i < j <= n_b: ``F_i + sum_{i <= t < j} log_pf_t - F_j`` with ``F = log R - log
-    q(STOP)``, weighted ``lam ** (j - i - 1)`` (0 outside a row's pairs)."""
-    B, S1 = log_pterm.shape
-    flow = (log_r - log_pterm).double()
-    cum = torch.cat([flow.new_zeros(B, 1), log_pf.double().cumsum(1)], 1)[:, :S1]
-    res = flow[:, :, None] + cum[:, None, :] - cum[:, :, None] - flow[:, None, :]
-    i = torch.arange(S1, device=flow.device)
-    gap = i[None, :] - i[:, None]
-    inside = (gap > 0)[None] & (i[None, None, :] <= lengths.to(flow.device)[:, None, None])
-    weights = torch.where(inside, torch.as_tensor(lam, dtype=flow.dtype) ** (gap - 1).clamp(min=0),
-                          torch.zeros((), dtype=flow.dtype))
-    return res.pow(2), weights
+from fastgfn.reference.subtb import subtb_pair_terms_reference
 
 
 @torch.no_grad()
@@ -41,9 +26,10 @@ def floor_loss_share(log_pf, log_pterm, log_r, lengths, min_new_tokens: int, lam
     state (i < ``min_new_tokens``); 0 when there is none."""
     if min_new_tokens <= 0:
         return 0.0
-    sq, w = subtb_pair_terms(log_pf, log_pterm, log_r, lengths, lam)
-    total = float((sq * w).sum())
-    floor = float((sq * w)[:, :min_new_tokens].sum())
+    w, res = subtb_pair_terms_reference(log_pf, log_pterm, log_r, lengths, lam)
+    terms = w * res.square()  # [B, i, j]
+    total = float(terms.sum())
+    floor = float(terms[:, :min_new_tokens].sum())
     return floor / total if total > 0 else 0.0
 
 
