@@ -23,8 +23,11 @@ phase is timed in wall seconds and in the process's CPU seconds (all threads), a
 average is read before and after every worker. ``--methods`` lists what runs, each
 ``NAME[+OPTION...][@THREADS[p]]``: ``paper``, ``fastgfn``, ``floor`` (the matmuls of one
 fastgfn step alone, see ``floor_worker``); fastgfn's option ``+infmode`` runs the frozen
-reward pass under ``torch.inference_mode`` instead of ``no_grad``. ``@1`` runs that method on
-one thread (default ``--threads``), ``@2p`` on two with ``OMP_WAIT_POLICY=PASSIVE``.
+reward pass under ``torch.inference_mode`` instead of ``no_grad``, and ``+bf16`` runs the step
+as the engine's ``mixed_precision: bf16`` does (sampling, reward, forward and loss under
+``torch.autocast(bfloat16)``, the backward outside it, fp32 weights, gradients and AdamW).
+``@1`` runs that method on one thread (default ``--threads``), ``@2p`` on two with
+``OMP_WAIT_POLICY=PASSIVE``.
 fastgfn samples as the engine does by default (``--sample_dtype auto``:
 ``resolve_sample_dtype``, a bf16 replica only on a CPU with native bf16 matmuls). The run
 prints and records (``--json``: ``machine``) the machine it ran on, from
@@ -178,28 +181,31 @@ def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=Non
             phases.setdefault(name, []).append((wall, cpu))
 
     policy.eval()
-    behaviour = policy if replica is None else replica.sync(policy)  # sync is timed too
-    lap("sync")
-    r = sample(
-        behaviour,
-        prompt,
-        B,
-        max_new_tokens=T,
-        min_new_tokens=T,
-        termination_token_id=term,
-        generator=gen,
-    )
-    policy.train()
-    lap("sample")
-    if "infmode" in options:
-        with torch.inference_mode():
+    precision = (torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in options
+                 else contextlib.nullcontext())
+    with precision:  # the backward runs outside, as in the engine
+        behaviour = policy if replica is None else replica.sync(policy)  # sync is timed too
+        lap("sync")
+        r = sample(
+            behaviour,
+            prompt,
+            B,
+            max_new_tokens=T,
+            min_new_tokens=T,
+            termination_token_id=term,
+            generator=gen,
+        )
+        policy.train()
+        lap("sample")
+        if "infmode" in options:
+            with torch.inference_mode():
+                log_r = frozen_prefix_logrewards(reward_model, prompt, r.tokens, term)
+            log_r = log_r.clone()  # a normal tensor again, usable by autograd
+        else:
             log_r = frozen_prefix_logrewards(reward_model, prompt, r.tokens, term)
-        log_r = log_r.clone()  # a normal tensor again, usable by autograd
-    else:
-        log_r = frozen_prefix_logrewards(reward_model, prompt, r.tokens, term)
-    lap("reward")
-    log_pf, log_pterm = gfn_logprobs(policy, prompt, r.tokens, term)
-    loss = fastgfn.subtb_loss(log_pf, log_pterm, log_r, r.lengths)
+        lap("reward")
+        log_pf, log_pterm = gfn_logprobs(policy, prompt, r.tokens, term)
+        loss = fastgfn.subtb_loss(log_pf, log_pterm, log_r, r.lengths)
     lap("forward")
     loss.backward()
     lap("backward")
@@ -209,7 +215,7 @@ def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=Non
     return float(loss)
 
 
-FASTGFN_OPTIONS = ("infmode",)
+FASTGFN_OPTIONS = ("infmode", "bf16")
 
 
 def parse_method(spec: str, default_threads: int) -> tuple[str, tuple[str, ...], int]:
@@ -462,8 +468,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--methods", default="paper,fastgfn,floor",
-                    help="comma list of NAME[+OPTION...][@THREADS]: paper, fastgfn[+infmode], "
-                         "floor")
+                    help="comma list of NAME[+OPTION...][@THREADS]: paper, "
+                         "fastgfn[+infmode][+bf16], floor")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--model", default="smollm2")

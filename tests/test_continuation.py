@@ -172,8 +172,9 @@ def test_bad_arguments(lm):
 
 
 def _exact_distributions(policy, task, temperature):
-    """Over every continuation of 1 or 2 tokens (the termination excluded): the GFlowNet's
-    terminating distribution reach(s) * q(STOP | s) of the policy, normalised, and the
+    """Over every continuation of 1 or 2 tokens (the termination excluded), for a run with
+    max_new_tokens=2: the GFlowNet's terminating distribution reach(s) * q(STOP | s) of the
+    policy (q(STOP | s) = 1 at two tokens), normalised, and the
     target R(s)^(1/T), normalised, as log-probabilities."""
     from fastgfn.trainer.scoring import gfn_logprobs
 
@@ -186,8 +187,10 @@ def _exact_distributions(policy, task, temperature):
         log_r = task.log_rewards(0, pairs.tolist(), 2).double()
     log_pf, log_pterm = log_pf.double(), log_pterm.double()
     first = pairs[:, 1] == toks[0]  # one row per first token for the 1-token continuations
+    # two tokens is max_new_tokens: the stop there is forced (probability 1), as the sampler
+    # and the loss (objective.forced_stops) treat it
     logq = torch.cat([(log_pf[:, 0] + log_pterm[:, 1])[first],
-                      log_pf[:, 0] + log_pf[:, 1] + log_pterm[:, 2]])
+                      log_pf[:, 0] + log_pf[:, 1]])
     logt = torch.cat([log_r[first, 1], log_r[:, 2]]) / temperature
     return torch.log_softmax(logq, 0), torch.log_softmax(logt, 0)
 

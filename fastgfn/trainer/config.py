@@ -53,6 +53,8 @@ class Config:
     prompt_template: str = "{question}"  # reasoning: the prompt X before the rationale;
     #   infilling: the policy's prompt from {beginning} and {ending}
     answer_template: str = " The answer is {answer}."  # reasoning: Y, scored after X z STOP
+    wrong_answer_log_penalty: float = 0.0  # reasoning: subtracted from log R(prefix) when the
+    #   reward LM finds another choice likelier than the answer after it (the paper's SUBJ: 50)
     rationale_key: str = "str_rationale"  # arithmetic: the worked rationale of the few-shot
     #   examples (the data's format "6 - 0 =, 6 - 4 =", tool results filled in)
     fewshot_examples: int = 3  # arithmetic: examples in the reward LM's few-shot prompt
@@ -192,6 +194,7 @@ _NON_NEGATIVE = (
     "min_new_tokens", "warmup_steps", "grad_clip", "weight_decay", "eval_samples",
     "eval_every", "eval_questions", "eval_rationales", "save_every", "log_z_lr",
     "replay_min_distance", "num_threads", "reward_temperature_steps", "lora_dropout",
+    "wrong_answer_log_penalty",
 )
 _FINITE = ("log_z_init", "invalid_log_reward", "illegal_token_bias", "lora_alpha")
 _PROBS = ("explore_prob", "replay_prob", "explore_vocab_prob", "lr_min_ratio",
@@ -230,6 +233,9 @@ def _check_numbers(cfg: Config) -> None:
         )
     if cfg.illegal_token_bias > 0:
         raise ConfigError(f"illegal_token_bias: must be <= 0, got {cfg.illegal_token_bias}")
+    if cfg.wrong_answer_log_penalty > 0 and cfg.task != "reasoning":
+        raise ConfigError(f"wrong_answer_log_penalty: for the reasoning task's label sets, not "
+                          f"task {cfg.task!r}")
     if cfg.task_low > cfg.task_high:
         raise ConfigError(f"task_low: must be <= task_high ({cfg.task_high}), got {cfg.task_low}")
     if not 0.0 <= cfg.heldout_fraction < 1.0:

@@ -105,6 +105,7 @@ class LatentReasoningTask(ContinuationTask):
         prompt_template: str = "{question}",
         answer_template: str = " The answer is {answer}.",
         choices: list[str] | None = None,
+        wrong_answer_log_penalty: float = 0.0,
         **kwargs,
     ):
         if len(questions) != len(answers):
@@ -120,6 +121,10 @@ class LatentReasoningTask(ContinuationTask):
         self.choices = sorted(set(self.answers) if choices is None else choices)
         self.answer_texts = [answer_template.format(answer=a) for a in answers]
         self._answer_ids = {}
+        if not (wrong_answer_log_penalty >= 0 and wrong_answer_log_penalty < float("inf")):
+            raise ValueError(f"wrong_answer_log_penalty: must be finite and >= 0, got "
+                             f"{wrong_answer_log_penalty!r}")
+        self.wrong_answer_log_penalty = float(wrong_answer_log_penalty)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -148,6 +153,7 @@ class LatentReasoningTask(ContinuationTask):
             use_fused=cfg.use_fused_logprobs,
             illegal_token_bias=cfg.illegal_token_bias,
             bias_in_policy=cfg.illegal_token_bias_in_policy,
+            wrong_answer_log_penalty=cfg.wrong_answer_log_penalty,
         )
 
     def reward_prompt_tokens(self, index: int) -> torch.Tensor:
@@ -202,6 +208,14 @@ class LatentReasoningTask(ContinuationTask):
             prefixes = [range(len(row) + 1) for row in rows]
         pairs = [(b, t) for b in range(len(rows)) for t in prefixes[b]]
         answer = self.answer_tokens(prompt_index)
+        penalise = with_rationale and self.wrong_answer_log_penalty > 0
+        if penalise:  # every choice after every prefix; the answer's is the answer term
+            right = self.choices.index(self.answers[prompt_index])
+            options = [self._encode_answer(self.answer_template.format(answer=c), "choices")
+                       for c in self.choices]
+            options[right] = answer
+        else:
+            options = [answer]
         out = torch.zeros(len(rows), T + 1)
         with self.reward.frozen() as (model, dev):
             tokens = self._padded_rows(rows, T).to(dev)
@@ -209,7 +223,15 @@ class LatentReasoningTask(ContinuationTask):
                                      tokens, return_cache=True)
             if with_rationale:
                 out += self._prefix_log_rewards(model, h, tokens, T)
-            ll = self._suffix_log_likelihood(model, cache, tokens, pairs, [answer] * len(pairs))
+            ll = self._suffix_log_likelihood(model, cache, tokens,
+                                             [p for p in pairs for _ in options],
+                                             options * len(pairs)).view(len(pairs), len(options))
+        if penalise:  # another choice strictly likelier than the answer: the paper's penalty
+            others = torch.cat([ll[:, :right], ll[:, right + 1:]], 1)
+            wrong = others.max(1).values > ll[:, right]
+            ll = ll[:, right] - self.wrong_answer_log_penalty * wrong.float()
+        else:
+            ll = ll[:, 0]
         out[torch.tensor([b for b, _ in pairs]), torch.tensor([t for _, t in pairs])] += ll
         return out
 

@@ -1,0 +1,3 @@
+from fastgfn.trainer.label_eval.cli import main
+
+main()
