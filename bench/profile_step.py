@@ -40,6 +40,7 @@ def setup(args):
     from fastgfn.trainer import load_config
     from fastgfn.trainer.models import load_model
     from fastgfn.trainer.sampling.sampler import sample
+    from fastgfn.trainer.scoring import frozen_prefix_logrewards
 
     torch.manual_seed(0)
     policy, tok = load_model(load_config(None, [f"model={args.model}"]))
@@ -50,25 +51,38 @@ def setup(args):
     with torch.no_grad():
         rollout = sample(policy, prompt, args.batch, max_new_tokens=args.tokens,
                          min_new_tokens=args.tokens, termination_token_id=term, generator=gen)
-    return policy, reward_model, prompt, term, rollout
+    # the frozen model's rewards of this fixed batch: the same for every pass, not timed
+    log_r = frozen_prefix_logrewards(reward_model, prompt, rollout.tokens, term)
+    return policy, prompt, term, rollout, log_r
 
 
-def one_pass(policy, reward_model, prompt, term, rollout, precision, clock=None):
-    """Forward and backward of the policy's loss; ``clock`` (a dict) receives the phases."""
+def forward(policy, prompt, term, rollout, log_r, on_hidden=None):
+    """The policy's teacher-forced pass and SubTB loss; ``on_hidden(h)`` runs between the
+    decoder body and the head."""
     import fastgfn
     from fastgfn.lm_logprobs import gfn_logprobs_from_hidden
-    from fastgfn.trainer.scoring import frozen_prefix_logrewards, hidden_states
+    from fastgfn.trainer.scoring import hidden_states
 
-    log_r = frozen_prefix_logrewards(reward_model, prompt, rollout.tokens, term)
+    h = hidden_states(policy, prompt, rollout.tokens)
+    if on_hidden is not None:
+        on_hidden(h)
+    log_pf, log_pterm = gfn_logprobs_from_hidden(policy, h, rollout.tokens, term)
+    return fastgfn.subtb_loss(log_pf, log_pterm, log_r, rollout.lengths)
+
+
+def one_pass(policy, prompt, term, rollout, log_r, precision, clock=None):
+    """Forward and backward of the policy's loss; ``clock`` (a dict) receives the phases."""
     policy.train()
     marks = {}
+
+    def split(h):  # the body's end in the forward, the head's end in the backward
+        marks["h"] = time.perf_counter()
+        h.register_hook(lambda g: marks.__setitem__("grad_h", time.perf_counter()))
+
     t0 = time.perf_counter()
     with precision():
-        h = hidden_states(policy, prompt, rollout.tokens)
-        t1 = time.perf_counter()
-        h.register_hook(lambda g: marks.__setitem__("grad_h", time.perf_counter()))
-        log_pf, log_pterm = gfn_logprobs_from_hidden(policy, h, rollout.tokens, term)
-        loss = fastgfn.subtb_loss(log_pf, log_pterm, log_r, rollout.lengths)
+        loss = forward(policy, prompt, term, rollout, log_r, split)
+    t1 = marks["h"]
     t2 = time.perf_counter()
     loss.backward()
     t3 = time.perf_counter()
@@ -82,20 +96,13 @@ def one_pass(policy, reward_model, prompt, term, rollout, precision, clock=None)
     return float(loss.detach())
 
 
-def profile_table(policy, reward_model, prompt, term, rollout, precision, top):
+def profile_table(policy, prompt, term, rollout, log_r, precision, top):
     """Operator tables (self CPU time) of one forward and one backward, separately."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    import fastgfn
-    from fastgfn.lm_logprobs import gfn_logprobs_from_hidden
-    from fastgfn.trainer.scoring import frozen_prefix_logrewards, hidden_states
-
-    log_r = frozen_prefix_logrewards(reward_model, prompt, rollout.tokens, term)
     with (profile(activities=[ProfilerActivity.CPU]) as fwd_prof, record_function("forward"),
           precision()):
-        h = hidden_states(policy, prompt, rollout.tokens)
-        log_pf, log_pterm = gfn_logprobs_from_hidden(policy, h, rollout.tokens, term)
-        loss = fastgfn.subtb_loss(log_pf, log_pterm, log_r, rollout.lengths)
+        loss = forward(policy, prompt, term, rollout, log_r)
     with profile(activities=[ProfilerActivity.CPU]) as bwd_prof:
         loss.backward()
     policy.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """``python -m fastgfn.trainer.label_eval``: accuracy on a label task (SUBJ) as the paper
 evaluates it (section 4.3), every method scored the same way.
 
-    python -m fastgfn.trainer.label_eval --config configs/reasoning_subj.yaml \\
+    python -m fastgfn.trainer.label_eval --config configs/subj.yaml \\
         --train data/gfn-lm-tuning/subj/train.20.jsonl --policy gflownet=runs/subj20 \\
         [--limit 500] [--k 10] [--m_rationales 10] [--classifier_steps 100] \\
         --out runs/subj_eval20 [key=value ...]
@@ -45,7 +45,7 @@ import torch
 from fastgfn.trainer.label_eval.core import predict, train_classifier
 from fastgfn.trainer.machine import machine_line
 
-DEFAULT_CONFIG = "configs/reasoning_subj.yaml"
+DEFAULT_CONFIG = "configs/subj.yaml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,6 +96,7 @@ class LabelData:
     texts, and the examples of the training and test files."""
 
     def __init__(self, cfg, tokenizer, train_path, test_path, limit: int):
+        from fastgfn.trainer.tasks.base import termination_token
         from fastgfn.trainer.tasks.reasoning import check_templates, load_examples
 
         check_templates(cfg.prompt_template, cfg.answer_template)
@@ -111,8 +112,6 @@ class LabelData:
                              f"{self.choices}")
         self.choice_ids = [self.encode(cfg.answer_template.format(answer=c))
                            for c in self.choices]
-        from fastgfn.trainer.tasks.base import termination_token
-
         self.stop = termination_token(tokenizer, cfg.termination)
 
     def encode(self, text: str) -> list[int]:

@@ -121,6 +121,7 @@ class LatentReasoningTask(ContinuationTask):
         self.choices = sorted(set(self.answers) if choices is None else choices)
         self.answer_texts = [answer_template.format(answer=a) for a in answers]
         self._answer_ids = {}
+        self._choice_ids = {}
         if not (wrong_answer_log_penalty >= 0 and wrong_answer_log_penalty < float("inf")):
             raise ValueError(f"wrong_answer_log_penalty: must be finite and >= 0, got "
                              f"{wrong_answer_log_penalty!r}")
@@ -170,6 +171,14 @@ class LatentReasoningTask(ContinuationTask):
                                                           f"answer of item {index}")
         return self._answer_ids[index]
 
+    def choice_tokens(self, choices: list[str]) -> list[torch.Tensor]:
+        """Token ids of the answer text ``Y_c`` of each choice c (at least one each)."""
+        for c in choices:
+            if c not in self._choice_ids:
+                self._choice_ids[c] = self._encode_answer(
+                    self.answer_template.format(answer=c), "choices")
+        return [self._choice_ids[c] for c in choices]
+
     def _encode_answer(self, text: str, what: str) -> torch.Tensor:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if not ids:
@@ -207,15 +216,12 @@ class LatentReasoningTask(ContinuationTask):
         if prefixes is None:
             prefixes = [range(len(row) + 1) for row in rows]
         pairs = [(b, t) for b in range(len(rows)) for t in prefixes[b]]
-        answer = self.answer_tokens(prompt_index)
         penalise = with_rationale and self.wrong_answer_log_penalty > 0
         if penalise:  # every choice after every prefix; the answer's is the answer term
             right = self.choices.index(self.answers[prompt_index])
-            options = [self._encode_answer(self.answer_template.format(answer=c), "choices")
-                       for c in self.choices]
-            options[right] = answer
+            options = self.choice_tokens(self.choices)
         else:
-            options = [answer]
+            options = [self.answer_tokens(prompt_index)]
         out = torch.zeros(len(rows), T + 1)
         with self.reward.frozen() as (model, dev):
             tokens = self._padded_rows(rows, T).to(dev)
@@ -242,8 +248,7 @@ class LatentReasoningTask(ContinuationTask):
         rationale ``rows[b]``, ``Y_c`` the answer template filled with choice c."""
         T = max((len(r) for r in rows), default=0)
         self._check_rows(prompt_index, rows, T)
-        ids = [self._encode_answer(self.answer_template.format(answer=c), "choices")
-               for c in choices]
+        ids = self.choice_tokens(choices)
         pairs = [(b, len(row)) for b, row in enumerate(rows) for _ in choices]
         with self.reward.frozen() as (model, dev):
             tokens = self._padded_rows(rows, T).to(dev)
