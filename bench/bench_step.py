@@ -31,7 +31,7 @@ as the engine's ``mixed_precision: bf16`` does (sampling, reward, forward and lo
 fastgfn samples as the engine does by default (``--sample_dtype auto``:
 ``resolve_sample_dtype``, a bf16 replica only on a CPU with native bf16 matmuls). The run
 prints and records (``--json``: ``machine``) the machine it ran on, from
-``fastgfn.trainer.machine``: CPU model, cores, AVX2 / AVX-512 / AVX-512 BF16 / AMX, and
+``fastgfn.trainer.reporting.machine``: CPU model, cores, AVX2 / AVX-512 / AVX-512 BF16 / AMX, and
 whether bf16 matmuls are native or emulated there.
 
     python bench/bench_step.py [--rounds 3] [--steps 3] [--methods paper,fastgfn,floor]
@@ -127,7 +127,7 @@ def subtb_python_loop(log_pf, log_pterm, log_r, lengths, lam=1.0):
 
 
 def paper_step(policy, reward_model, opt, prompt, B, T, term, gen):
-    from fastgfn.trainer.kv_cache import cache_kwarg, output_cache
+    from fastgfn.trainer.model.kv_cache import cache_kwarg, output_cache
 
     kw = cache_kwarg(policy)
     ids = prompt[None].expand(B, -1).contiguous()
@@ -253,7 +253,7 @@ def _median(values):
 
 def worker(spec: str, args) -> dict:
     from fastgfn.trainer import load_config
-    from fastgfn.trainer.models import load_model
+    from fastgfn.trainer.model.loading import load_model
 
     method, options, threads = parse_method(spec, args.threads)
     torch.set_num_threads(threads)
@@ -337,7 +337,7 @@ def floor_worker(args) -> dict:
     Attention, norms and element-wise work are left out, so this is a lower bound for the
     step at this machine's matmul rate now."""
     from fastgfn.trainer import load_config
-    from fastgfn.trainer.models import load_model
+    from fastgfn.trainer.model.loading import load_model
 
     model, tok = load_model(load_config(None, [f"model={args.model}"]))
     config = model.config
@@ -495,7 +495,7 @@ def main():
         except ValueError as exc:
             ap.error(str(exc))
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    from fastgfn.trainer.machine import describe_machine, machine_line
+    from fastgfn.trainer.reporting.machine import describe_machine, machine_line
 
     machine = describe_machine()
     print("machine:", machine_line(machine), flush=True)

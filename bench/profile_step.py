@@ -38,7 +38,7 @@ from bench.bench_step import PROMPT  # noqa: E402
 
 def setup(args):
     from fastgfn.trainer import load_config
-    from fastgfn.trainer.models import load_model
+    from fastgfn.trainer.model.loading import load_model
     from fastgfn.trainer.sampling.sampler import sample
     from fastgfn.trainer.scoring import frozen_prefix_logrewards
 
@@ -131,7 +131,7 @@ def main():
     for key in ("reps", "batch", "tokens", "threads", "top"):
         if getattr(args, key) < 1:
             ap.error(f"--{key} must be >= 1, got {getattr(args, key)}")
-    from fastgfn.trainer.machine import describe_machine, machine_line
+    from fastgfn.trainer.reporting.machine import describe_machine, machine_line
 
     torch.set_num_threads(args.threads)
     machine = describe_machine()

@@ -32,7 +32,7 @@ def pretrained_state(hidden: int = 32, steps: int = 300, seed: int = 0,
     """The tiny model (``tiny_hidden=hidden``, seed ``seed``) after ``steps`` AdamW steps of
     next-token training on worked problems (``arithmetic_text``, ``compact`` or not)."""
     from fastgfn.trainer import load_config
-    from fastgfn.trainer.models import build_tiny
+    from fastgfn.trainer.model.loading import build_tiny
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic and fast on a busy machine
@@ -61,7 +61,7 @@ def pretrained_state(hidden: int = 32, steps: int = 300, seed: int = 0,
 def patch_build_tiny(state: dict, setattr_=setattr) -> None:
     """Make ``model=tiny`` build the model with ``state`` (``setattr_``: pytest's
     ``monkeypatch.setattr`` in tests, plain ``setattr`` in a worker process)."""
-    from fastgfn.trainer import models
+    from fastgfn.trainer.model import loading as models
 
     original = models.build_tiny
 

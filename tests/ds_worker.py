@@ -42,10 +42,9 @@ def _write(out: Path, name: str, obj) -> None:
 
 def reward(tr: Trainer, out: Path) -> None:
     import copy
-    import dataclasses
 
-    from fastgfn.trainer.models import build_tiny
-    from fastgfn.trainer.reward_model import RewardLM, build_reward_lm
+    from fastgfn.trainer.model.loading import build_tiny
+    from fastgfn.trainer.model.reward import RewardLM, build_reward_lm
 
     task, r = tr.task, tr.rank
     ref_model, _ = build_tiny(tr.cfg)  # the initial weights, whole, never trained
@@ -78,7 +77,7 @@ def reward(tr: Trainer, out: Path) -> None:
         ref_model.save_pretrained(hf_dir, safe_serialization=True)
     torch.distributed.barrier()
     loaded = copy.copy(tr)
-    loaded.cfg = dataclasses.replace(tr.cfg, model=str(hf_dir))
+    loaded.cfg = tr.cfg.replace(model=str(hf_dir))
     loaded_task = copy.copy(task)
     loaded_task.reward = build_reward_lm(loaded.cfg, None, tr.tokenizer, tr.engine.ds_config)
     loaded_shard = [
@@ -164,24 +163,21 @@ def restart(cfg, out: Path, ds_configs: list[str]) -> None:
     """For each DeepSpeed config in turn (in the same processes): the run stopped after
     ``stop_after_steps`` with a checkpoint, then a new trainer resumes it to the end.
     ``output_dir`` and ``export_dir`` get the config's file stem appended."""
-    import dataclasses
 
-    if not (cfg.stop_after_steps and cfg.save_every):
+    if not (cfg.run.stop_after_steps and cfg.run.save_every):
         raise ValueError("restart: needs stop_after_steps and save_every")
     for ds in ds_configs:
         stem = Path(ds).stem
-        run = dataclasses.replace(
-            cfg,
-            deepspeed_config=ds,
-            output_dir=str(Path(cfg.output_dir) / stem),
-            export_dir=str(Path(cfg.export_dir) / stem) if cfg.export_dir else None,
+        run = cfg.replace(deepspeed_config=ds,
+            output_dir=str(Path(cfg.run.output_dir) / stem),
+            export_dir=str(Path(cfg.run.export_dir) / stem) if cfg.run.export_dir else None,
         )
         tr = Trainer(run)
         tr.run()
-        again = Trainer(dataclasses.replace(run, resume=True, stop_after_steps=0))
+        again = Trainer(run.replace(resume=True, stop_after_steps=0))
         seen = {"resumed": again.maybe_resume(), **_optimizer_info(again)}
         _write(out, f"restart_{stem}_rank{tr.rank}.json", seen)
-        again.cfg.resume = False  # resumed just now
+        again.cfg.run.resume = False  # resumed just now
         again.run()
 
 
@@ -196,16 +192,15 @@ class _Evil:
 
 
 def hostile(cfg, out: Path, ds_configs: list[str]) -> None:
-    import dataclasses
     import math
 
-    from fastgfn.trainer.checkpoint import latest_checkpoint
-    from fastgfn.trainer.checkpoint_files import write_marker
+    from fastgfn.trainer.persistence.checkpoint import latest_checkpoint
+    from fastgfn.trainer.persistence.checkpoint_files import write_marker
 
     for ds in ds_configs:
         stem = Path(ds).stem
-        run = dataclasses.replace(cfg, deepspeed_config=ds,
-                                  output_dir=str(Path(cfg.output_dir) / stem))
+        run = cfg.replace(deepspeed_config=ds,
+                                  output_dir=str(Path(cfg.run.output_dir) / stem))
         tr = Trainer(run)
         real = tr.task.log_rewards
 
@@ -219,15 +214,15 @@ def hostile(cfg, out: Path, ds_configs: list[str]) -> None:
         tr.run()
         with tr.engine.full_parameters() as m:
             finite = all(bool(torch.isfinite(v).all()) for v in m.parameters())
-        lines = [json.loads(x) for x in (Path(run.output_dir) / "metrics.jsonl").read_text()
+        lines = [json.loads(x) for x in (Path(run.run.output_dir) / "metrics.jsonl").read_text()
                  .splitlines()]
         entries = tr.buffer.state_dict()["entries"].values()
-        newest = latest_checkpoint(Path(run.output_dir) / "checkpoints")
+        newest = latest_checkpoint(Path(run.run.output_dir) / "checkpoints")
         marker = out / f"pwned_{stem}"
         for f in newest.glob("*model_states.pt"):
             torch.save({"module": _Evil(marker)}, f)
         write_marker(newest, tr.step)
-        again = Trainer(dataclasses.replace(run, resume=True))
+        again = Trainer(run.replace(resume=True))
         resumed = again.maybe_resume()
         _write(out, f"hostile_{stem}_rank{tr.rank}.json", {
             "skipped": [x["skipped"] for x in lines if "loss" in x],
@@ -246,7 +241,7 @@ def tool(cfg, out: Path) -> None:
     patch_build_tiny(load_file(str(out / "taught.safetensors")))
     tr = Trainer(cfg)
     seen = {"rows": 0, "tool_tokens": 0, "actions": []}
-    real = tr.rollouts._sample
+    real = tr.batches._sample
 
     def counted(prompt_index):
         batch = real(prompt_index)
@@ -256,7 +251,7 @@ def tool(cfg, out: Path) -> None:
             seen["actions"].append(m.count(True))
         return batch
 
-    tr.rollouts._sample = counted
+    tr.batches._sample = counted
     tr.run()
     entries = tr.buffer.state_dict()["entries"].values()
     seen["masked_entries"] = sum(len(e) == 3 for v in entries for e in v)

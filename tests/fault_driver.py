@@ -26,7 +26,7 @@ import safetensors.torch  # noqa: E402
 import transformers.models.llama.modeling_llama  # noqa: E402, F401 (imported before forking)
 
 from fastgfn.trainer import Trainer, load_config  # noqa: E402
-from fastgfn.trainer import checkpoint as ckpt  # noqa: E402
+from fastgfn.trainer.persistence import checkpoint as ckpt  # noqa: E402
 
 KILL_STEP = 4
 KILLED = 137
@@ -110,7 +110,7 @@ def main() -> None:
             tr = Trainer(cfg(f"k{k}", "resume=true"))
             assert tr.maybe_resume()
             Path(out / f"k{k}.from").write_text(str(tr.step))
-            tr.cfg.resume = False
+            tr.cfg.run.resume = False
             tr.run()
             safetensors.torch.save_file(_params(tr), str(out / f"k{k}.safetensors"))
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fastgfn.trainer import ConfigError, Trainer, load_config
-from fastgfn.trainer.models import eval_mode
-from fastgfn.trainer.reward_model import RewardLM
+from fastgfn.trainer.model.loading import eval_mode
+from fastgfn.trainer.model.reward import RewardLM
 from fastgfn.trainer.scoring import gfn_logprobs, state_positions
 from fastgfn.trainer.tasks import build_task
 from fastgfn.trainer.tasks.arithmetic import ArithmeticTask, final_answer
@@ -167,7 +167,7 @@ def test_training_with_the_tool_resumes_exactly(tmp_path, taught, monkeypatch):
     resumed = Trainer(load_config(CONFIG, common + [f"output_dir={tmp_path / 'b'}",
                                                     "resume=true"]))
     assert resumed.maybe_resume() and resumed.step == 3
-    resumed.cfg.resume = False
+    resumed.cfg.run.resume = False
     resumed.run()
     a, b = _params(full.engine.module), _params(resumed.engine.module)
     for k in a:
@@ -183,7 +183,7 @@ def test_training_with_the_tool_resumes_exactly(tmp_path, taught, monkeypatch):
 def test_eval_command_end_to_end(tmp_path, capsys):
     """The evaluation command on a tiny model: every method, every test set, greedy and
     majority accuracies that match the stored rationales' answers."""
-    from fastgfn.trainer.arithmetic_eval.cli import main
+    from fastgfn.trainer.evaluation.arithmetic.cli import main
 
     out = tmp_path / "eval"
     main(["--config", CONFIG, "--policy", "tinypolicy=tiny+fewshot", "--zeroshot", "--limit",
@@ -209,12 +209,14 @@ def test_eval_command_end_to_end(tmp_path, capsys):
 
 def test_arithmetic_configs_load():
     cfg = load_config(CONFIG)
-    assert cfg.task == "arithmetic" and cfg.tool == "calculator" and cfg.termination == "."
-    assert Path(cfg.data_path).is_file() and Path(cfg.eval_data_path).is_file()
+    assert (cfg.task.name, cfg.task.tool, cfg.task.termination) == ("arithmetic", "calculator", ".")
+    assert Path(cfg.task.data_path).is_file() and Path(cfg.task.eval_data_path).is_file()
     paper = load_config("paper/arithmetic.yaml")
-    assert paper.model == "nlpcloud/instruct-gpt-j-fp16" and paper.lora and paper.lora_r == 64
-    assert (paper.max_new_tokens, paper.min_new_tokens, paper.batch_size) == (18, 5, 16)
-    assert paper.fewshot_examples == 3 and paper.tool_max_operands == 2
+    assert paper.model.name == "nlpcloud/instruct-gpt-j-fp16"
+    assert paper.model.lora and paper.model.lora_r == 64
+    s = paper.sampling
+    assert (s.max_new_tokens, s.min_new_tokens, s.batch_size) == (18, 5, 16)
+    assert paper.task.fewshot_examples == 3 and paper.task.tool_max_operands == 2
     assert isinstance(ArithmeticTask, type)
 
 
@@ -251,7 +253,7 @@ def test_loss_of_a_hand_built_batch_equals_float64_brute_force(tmp_path):
     in float64 from full forward passes: log_pf of actions, log q(STOP) and the reward
     (few-shot prefix, vocabulary bias, answer) at every state, the floor reward below
     min_new_tokens, the reward temperature."""
-    from fastgfn.trainer.rollout import Batch
+    from fastgfn.trainer.batches import Batch
 
     tr = Trainer(load_config(CONFIG, TINY + [
         "tool=calculator", "fewshot_examples=1", "loss=subtb", "subtb_lambda=0.9",
@@ -269,7 +271,7 @@ def test_loss_of_a_hand_built_batch_equals_float64_brute_force(tmp_path):
     p = 3
     batch = Batch(p, tokens, torch.tensor([len(r) for r in rows]), [list(r) for r in rows],
                   True, mask)
-    tr.rollouts.next_batch = lambda: batch
+    tr.batches.next_batch = lambda: batch
     want_num = want_den = 0.0
     for r, m in zip(rows, masks):
         num, den = _brute_force_subtb(

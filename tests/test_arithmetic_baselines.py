@@ -16,7 +16,7 @@ pytest.importorskip("trl")  # the optional [trl] extra
 
 from fastgfn.trainer import load_config  # noqa: E402
 from fastgfn.trainer.integrations.tiny import char_tokenizer_fast  # noqa: E402
-from fastgfn.trainer.reward_model import RewardLM  # noqa: E402
+from fastgfn.trainer.model.reward import RewardLM  # noqa: E402
 from fastgfn.trainer.tasks import build_task  # noqa: E402
 from fastgfn.trainer.tasks.arithmetic import sft_pairs  # noqa: E402
 from fastgfn.trainer.tools.calculator import CalculatorTool, complete_rationale  # noqa: E402
@@ -34,7 +34,7 @@ def test_sft_pairs_are_what_the_sampler_makes():
     cfg = load_config(CONFIG, TINY)
     tok = char_tokenizer_fast()
     calc = CalculatorTool(tok)
-    items = json.loads(Path(cfg.data_path).read_text())
+    items = json.loads(Path(cfg.task.data_path).read_text())
     pairs = sft_pairs(cfg, tok)
     assert len(pairs) == 50
     for (prompt, completion, mask), item in zip(pairs, items):
@@ -78,7 +78,7 @@ def _one_question(tmp_path):
 
 def _grpo(tmp_path, data, steps, lr=1e-5):
     from fastgfn.trainer.baselines.rl import grpo_config, grpo_trainer
-    from fastgfn.trainer.models import load_model
+    from fastgfn.trainer.model.loading import load_model
 
     cfg = load_config(CONFIG, TINY + data)
     model, tok = load_model(cfg)
@@ -176,9 +176,9 @@ def test_rl_raises_the_reward(tmp_path):
 def test_baseline_commands_and_the_evaluation(tmp_path, compact, monkeypatch, capsys):
     """The SFT and RL commands on the tiny model write loadable models that the evaluation
     command scores beside the few-shot baseline."""
-    from fastgfn.trainer.arithmetic_eval.cli import main as eval_main
     from fastgfn.trainer.baselines.rl import main as rl_main
     from fastgfn.trainer.baselines.sft import main as sft_main
+    from fastgfn.trainer.evaluation.arithmetic.cli import main as eval_main
 
     patch_build_tiny(compact, monkeypatch.setattr)
     sft_main(["--config", CONFIG, "--out", str(tmp_path / "sft"), "--epochs", "1",

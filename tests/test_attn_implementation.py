@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-import fastgfn.trainer.models as models
+import fastgfn.trainer.model.loading as models
 from fastgfn.trainer import Config, ConfigError, load_config
 
 
@@ -28,8 +28,8 @@ def _cfg(**kw):
 
 
 def test_default_is_auto():
-    assert Config().attn_implementation == "auto"
-    assert load_config(None).attn_implementation == "auto"
+    assert Config().model.attn_implementation == "auto"
+    assert load_config(None).model.attn_implementation == "auto"
 
 
 def test_auto_picks_flash_when_everything_applies(env):
@@ -117,7 +117,7 @@ def test_unknown_value_names_the_key():
 
 def test_load_model_uses_and_logs_the_choice(caplog):
     cfg = load_config(None, ["model=tiny", "tiny_hidden=32", "tiny_layers=1"])
-    with caplog.at_level(logging.INFO, logger="fastgfn.trainer.models"):
+    with caplog.at_level(logging.INFO, logger="fastgfn.trainer.model.loading"):
         model, _ = models.load_model(cfg)
     assert model.config._attn_implementation == "sdpa"  # no flash-attn, no CUDA here
     assert any("attention: sdpa" in r.getMessage() for r in caplog.records)

@@ -15,8 +15,8 @@ import torch
 
 from fastgfn.train import main
 from fastgfn.trainer import CheckpointError, Trainer, load_config
-from fastgfn.trainer import checkpoint as ckpt
-from fastgfn.trainer.checkpoint_files import MARKER, verify, write_marker
+from fastgfn.trainer.persistence import checkpoint as ckpt
+from fastgfn.trainer.persistence.checkpoint_files import MARKER, verify, write_marker
 from tests.test_train import TINY, _params
 
 COMMON = TINY + ["save_every=2", "keep_checkpoints=3", "lr=1e-3", "warmup_steps=3", "loss=tb",
@@ -84,7 +84,7 @@ def test_resume_without_latest_takes_the_newest_complete(run6, tmp_path, capsys)
     shutil.rmtree(out / "checkpoints" / "step_00000006")
     tr = Trainer(_cfg(out, "resume=true"))
     assert tr.maybe_resume() and tr.step == 4
-    tr.cfg.resume = False
+    tr.cfg.run.resume = False
     tr.run()
     _same_as_uninterrupted(tr, run6)
 
@@ -119,7 +119,7 @@ def test_corrupt_newest_falls_back_and_resumes_exactly(run6, tmp_path, capsys):
     said = capsys.readouterr().out
     assert "skipping step_00000006" in said and "model.safetensors" in said
     assert "corrupt" in said and "resumed from" in said and "step_00000004" in said
-    tr.cfg.resume = False
+    tr.cfg.run.resume = False
     tr.run()
     _same_as_uninterrupted(tr, run6)
 
@@ -163,7 +163,7 @@ def test_resume_with_no_checkpoint_at_all_starts_fresh(tmp_path, capsys):
 
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(run6, tmp_path, monkeypatch, capsys):
     """Before the model loads: another run's checkpoints would be pruned or mixed in."""
-    from fastgfn.trainer import components
+    from fastgfn.trainer import run_setup as components
 
     out = _copy(run6, tmp_path)
     monkeypatch.setattr(components, "build", lambda cfg: pytest.fail("the model was loaded"))
@@ -174,7 +174,7 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(run6, tmp_path, monkey
 
 
 def test_unwritable_export_dir_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
-    from fastgfn.trainer import components
+    from fastgfn.trainer import run_setup as components
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

@@ -9,7 +9,7 @@ import torch
 
 import fastgfn
 from fastgfn.trainer import load_config
-from fastgfn.trainer.models import build_tiny
+from fastgfn.trainer.model.loading import build_tiny
 from fastgfn.trainer.tasks.continuation import ContinuationTask
 
 
@@ -83,7 +83,7 @@ def test_tempered_rewards_in_training_match_brute_force(tmp_path, monkeypatch):
     ])
     tr = Trainer(cfg)
     seen = []
-    next_batch, subtb_loss = tr.rollouts.next_batch, fastgfn.subtb_loss
+    next_batch, subtb_loss = tr.batches.next_batch, fastgfn.subtb_loss
 
     def spy_batch():
         out = next_batch()
@@ -94,7 +94,7 @@ def test_tempered_rewards_in_training_match_brute_force(tmp_path, monkeypatch):
         seen[-1].update(log_r=log_r.detach().cpu().double(), lengths=lengths.cpu())
         return subtb_loss(log_pf, log_pterm, log_r, lengths, **kw)
 
-    tr.rollouts.next_batch = spy_batch
+    tr.batches.next_batch = spy_batch
     monkeypatch.setattr(fastgfn, "subtb_loss", spy_loss)
     tr.run()
     assert len(seen) == 2
@@ -286,7 +286,7 @@ def test_illegal_token_bias_is_part_of_the_policy(tmp_path, monkeypatch, in_poli
     """As in the paper, the illegal-token bias is added to the policy's own logits where it
     samples and where it is scored (illegal_token_bias_in_policy, on by default); off, the
     policy is the plain LM and only the reward sees the bias."""
-    import fastgfn.trainer.rollout as rollout
+    import fastgfn.trainer.batches as batches
     import fastgfn.trainer.trainer as trainer
     from fastgfn.trainer import Trainer
 
@@ -300,17 +300,17 @@ def test_illegal_token_bias_is_part_of_the_policy(tmp_path, monkeypatch, in_poli
         f"output_dir={tmp_path / 'o'}",
     ])
     seen = {"sample": [], "score": []}
-    sample, score = rollout.sample, trainer.gfn_logprobs
+    sample, score = batches.sample_policy, trainer.gfn_logprobs
 
-    def spy_sample(*a, logit_bias=None, **kw):
-        seen["sample"].append(logit_bias)
-        return sample(*a, logit_bias=logit_bias, **kw)
+    def spy_sample(model, prompt, n, actions, **kw):
+        seen["sample"].append(actions.logit_bias)
+        return sample(model, prompt, n, actions, **kw)
 
     def spy_score(*a, vocab_bias=None, **kw):
         seen["score"].append(vocab_bias)
         return score(*a, vocab_bias=vocab_bias, **kw)
 
-    monkeypatch.setattr(rollout, "sample", spy_sample)
+    monkeypatch.setattr(batches, "sample_policy", spy_sample)
     monkeypatch.setattr(trainer, "gfn_logprobs", spy_score)
     tr = Trainer(cfg)
     tr.run()

@@ -1,5 +1,5 @@
 """The held-out split of the continuation prompts and the evaluation command
-(``fastgfn.trainer.continuation_eval``): its metrics against direct computations, its
+(``fastgfn.trainer.evaluation.continuation``): its metrics against direct computations, its
 diverse beam search, its decoding baselines' settings, the packaged sentence-embedding
 models, and the command end to end on a tiny model."""
 
@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from fastgfn.trainer import load_config
-from fastgfn.trainer.continuation_eval import embeddings, metrics
-from fastgfn.trainer.continuation_eval.diverse_beam import diverse_beam_search
-from fastgfn.trainer.continuation_eval.methods import (
+from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.evaluation.continuation import embeddings, metrics
+from fastgfn.trainer.evaluation.continuation.diverse_beam import diverse_beam_search
+from fastgfn.trainer.evaluation.continuation.methods import (
     METHODS,
     Setup,
     cut_at_termination,
     run_method,
 )
-from fastgfn.trainer.errors import ConfigError
 from fastgfn.trainer.tasks.continuation import ContinuationTask, heldout_prompts, split_prompts
 
 from .test_continuation import _tiny_lm, brute_force_log_reward
@@ -84,14 +84,14 @@ def test_trainer_samples_only_training_prompts(tmp_path):
     train, held = split_prompts(lines, 0.5, 0)
     tr = Trainer(cfg)
     assert tr.task.prompts == train
-    seen, next_batch = [], tr.rollouts.next_batch
+    seen, next_batch = [], tr.batches.next_batch
 
     def spy():
         batch = next_batch()
         seen.append(tr.task.prompts[batch.prompt_index])
         return batch
 
-    tr.rollouts.next_batch = spy
+    tr.batches.next_batch = spy
     tr.run()
     assert len(seen) == 8 and not set(seen) & set(held) and set(seen) <= set(train)
 
@@ -285,8 +285,8 @@ class FakeEmbedder:
 
 def test_command_end_to_end_on_a_tiny_model(tmp_path):
     from fastgfn.trainer import Trainer
-    from fastgfn.trainer.continuation_eval.cli import parse_args, run
-    from fastgfn.trainer.continuation_eval.loading import load_policy
+    from fastgfn.trainer.evaluation.continuation.cli import parse_args, run
+    from fastgfn.trainer.evaluation.loading import load_policy
 
     path, lines = _prompts_file(tmp_path)
     conf = tmp_path / "c.yaml"

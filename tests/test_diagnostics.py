@@ -1,6 +1,6 @@
-"""fastgfn/trainer/diagnostics.py and the pair terms it reads from the reference: every value
-against a float64 brute force over the pairs or the trajectories, with irregular lengths,
-an empty sequence and padding that holds -inf."""
+"""fastgfn/trainer/reporting/diagnostics.py and the pair terms it reads from the reference:
+every value against a float64 brute force over the pairs or the trajectories, with irregular
+lengths, an empty sequence and padding that holds -inf."""
 
 import math
 from types import SimpleNamespace
@@ -10,7 +10,12 @@ import torch
 
 import fastgfn
 from fastgfn.reference.subtb import subtb_pair_terms_reference
-from fastgfn.trainer.diagnostics import batch_diagnostics, floor_loss_share, log_z_estimate
+from fastgfn.trainer.config import Config
+from fastgfn.trainer.reporting.diagnostics import (
+    batch_diagnostics,
+    floor_loss_share,
+    log_z_estimate,
+)
 
 from .test_subtb import brute_force_pair_sums, random_batch
 
@@ -75,7 +80,7 @@ def test_log_z_estimate_is_the_log_mean_importance_weight():
 
 def test_batch_diagnostics_report_sampled_rows_only_when_not_replayed():
     log_pf, log_pterm, log_r, lengths = random_batch(4, 6, seed=2)
-    cfg = SimpleNamespace(min_new_tokens=2, subtb_lambda=1.0)
+    cfg = Config(min_new_tokens=2, subtb_lambda=1.0)
     final = log_r.gather(1, lengths[:, None]).squeeze(1)
     for replayed in (False, True):
         batch = SimpleNamespace(num_actions=lengths, replayed=replayed)

@@ -49,7 +49,7 @@ def test_shipped_configs(name, stage, offload):
 def test_packaged_offload_config_found_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here: the packaged file is found
     cfg = load_config(None, ["model=tiny", "deepspeed_config=configs/ds_zero3_offload.json"])
-    assert Path(cfg.deepspeed_config).resolve() == (CONFIGS / "ds_zero3_offload.json").resolve()
+    assert Path(cfg.run.deepspeed_config).resolve() == (CONFIGS / "ds_zero3_offload.json").resolve()
     ds = load_ds_config(cfg)
     assert offload_devices(ds) == {"offload_optimizer": "cpu", "offload_param": "cpu"}
 

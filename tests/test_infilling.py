@@ -116,7 +116,7 @@ def test_config_errors_come_before_the_model_loads(tmp_path):
 def test_split_sft_pairs_and_references():
     cfg = load_config("configs/infilling.yaml", ["model=tiny"])
     train, held = config_stories(cfg), config_stories(cfg, heldout=True)
-    assert len(train) + len(held) == 24 and len(held) == round(cfg.heldout_fraction * 24) > 0
+    assert len(train) + len(held) == 24 and len(held) == round(cfg.task.heldout_fraction * 24) > 0
     assert not {s.middle for s in train} & {s.middle for s in held}
     pairs = sft_pairs(cfg)
     assert len(pairs) == len(train)
@@ -171,6 +171,7 @@ def test_paper_config_loads_on_a_story_file():
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "fastgfn" / "configs" / "paper" / "infilling.yaml",
                       [f"data_path={FIXTURE}"])
-    assert (cfg.task, cfg.max_new_tokens, cfg.min_new_tokens, cfg.batch_size) == \
+    s = cfg.sampling
+    assert (cfg.task.name, s.max_new_tokens, s.min_new_tokens, s.batch_size) == \
         ("infilling", 25, 5, 64)
-    assert (cfg.reward_temperature, cfg.reward_temperature_end) == (1.1, 0.85)
+    assert (cfg.objective.reward_temperature, cfg.objective.reward_temperature_end) == (1.1, 0.85)

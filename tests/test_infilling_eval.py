@@ -1,4 +1,4 @@
-"""The infilling evaluation (``python -m fastgfn.trainer.infilling_eval``): BLEU-4 and GLEU-4
+"""The infilling evaluation (``python -m fastgfn.trainer.evaluation.infilling``): BLEU-4 and GLEU-4
 against values worked out by hand, BERTScore from the packaged encoder, and the command end to
 end on a tiny model: a GFlowNet run's checkpoint, an SFT baseline trained by ``python -m
 fastgfn.trainer.baselines.sft`` and both prompting baselines in one table."""
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("nltk")
 
-from fastgfn.trainer.infilling_eval import metrics  # noqa: E402
+from fastgfn.trainer.evaluation.infilling import metrics  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fastgfn" / "data" / "stories" / "fixture.csv"
 
@@ -54,7 +54,7 @@ def test_command_end_to_end_on_a_tiny_model(tmp_path, bertscore):
     pytest.importorskip("trl")
     from fastgfn.trainer import Trainer, load_config
     from fastgfn.trainer.baselines.sft import main as sft_main
-    from fastgfn.trainer.infilling_eval.cli import parse_args, run
+    from fastgfn.trainer.evaluation.infilling.cli import parse_args, run
 
     common = ["model=tiny", "tiny_hidden=32", "tiny_layers=1", "max_new_tokens=6",
               "min_new_tokens=1", "heldout_fraction=0.125"]  # 3 of the 24 stories held out
@@ -89,7 +89,7 @@ def test_command_end_to_end_on_a_tiny_model(tmp_path, bertscore):
 
 
 def test_bad_arguments_are_named():
-    from fastgfn.trainer.infilling_eval.cli import parse_args
+    from fastgfn.trainer.evaluation.infilling.cli import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--methods", "gfn"])  # gfn needs --model

@@ -14,7 +14,8 @@ from tests.test_train import TINY
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a model is loaded (the error must come before)."""
-    from fastgfn.trainer import components, models
+    from fastgfn.trainer import run_setup as components
+    from fastgfn.trainer.model import loading as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     monkeypatch.setattr(components, "load_model", lambda *a, **k: pytest.fail("model loaded"))

@@ -1,7 +1,7 @@
-"""The label-task evaluation (``fastgfn.trainer.label_eval``): choice scores against a float64
-brute force (values and gradients, with and without a shared prefix, irregular lengths,
-multi-token choices), classifier training that must learn a rule, the majority vote, and the
-command end to end on a tiny model."""
+"""The label-task evaluation (``fastgfn.trainer.evaluation.reasoning``): choice scores
+against a float64 brute force (values and gradients, with and without a shared prefix,
+irregular lengths, multi-token choices), classifier training that must learn a rule, the
+majority vote, and the command end to end on a tiny model."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from fastgfn.trainer.label_eval.cli import main, parse_args, vote
-from fastgfn.trainer.label_eval.core import choice_scores, predict, train_classifier
+from fastgfn.trainer.evaluation.reasoning.classifier import choice_scores, predict, train_classifier
+from fastgfn.trainer.evaluation.reasoning.cli import main, parse_args, vote
 
 from .test_continuation import _tiny_lm
 

@@ -138,3 +138,117 @@ def test_no_file_refers_to_the_shared_folder():
             if needle in text and path.name != "test_layout.py":
                 hits.append(f"{path.relative_to(ROOT)}: {needle}")
     assert not hits, hits
+
+
+# the engine's rules: task keys stay in their task, one way to sample --------------------
+TASKS_DIR = PACKAGE / "trainer" / "tasks"
+EVALUATION_DIR = PACKAGE / "trainer" / "evaluation"
+
+
+def _declared_task_keys() -> dict[str, dict[type, str]]:
+    """Every key a task's ``Options`` declares itself (not inherited from the shared
+    ``tasks/options.py``): key -> {each Options class that declares it: a task's name}."""
+    import dataclasses
+
+    from fastgfn.trainer.tasks import TASKS, task_class
+
+    out = {}
+    for name in TASKS:
+        options = task_class(name).Options
+        for cls in options.__mro__:
+            if not dataclasses.is_dataclass(cls) or cls.__module__.endswith("tasks.options"):
+                continue
+            inherited = set()
+            for base in cls.__bases__:
+                if dataclasses.is_dataclass(base):
+                    inherited |= {f.name for f in dataclasses.fields(base)}
+            for f in dataclasses.fields(cls):
+                if f.name not in inherited:
+                    out.setdefault(f.name, {}).setdefault(cls, name)
+    return out
+
+
+def _owners(options_cls) -> set[Path]:
+    """The files that may read a key of ``options_cls``: the module that declares it, the
+    modules of the tasks whose options extend it, and those tasks' evaluation commands."""
+    import sys
+
+    from fastgfn.trainer.tasks import TASKS, task_class
+
+    files = {Path(sys.modules[options_cls.__module__].__file__)}
+    for name in TASKS:
+        task = task_class(name)
+        if issubclass(task.Options, options_cls):
+            files.add(Path(sys.modules[task.__module__].__file__))
+            files |= set((EVALUATION_DIR / name).rglob("*.py"))
+    return files
+
+
+def _task_key_reads(path: Path, keys) -> list[tuple[int, str]]:
+    """``(line, key)`` of every ``<x>.task.<key>`` and ``getattr(<x>.task, "<key>")``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in keys and \
+                isinstance(node.value, ast.Attribute) and node.value.attr == "task":
+            found.append((node.lineno, node.attr))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and \
+                len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and \
+                node.args[1].value in keys:
+            found.append((node.lineno, node.args[1].value))
+    return found
+
+
+def test_no_task_key_is_read_outside_its_task():
+    """A key a task declares in its ``Options`` is read only by that task's module (and the
+    tasks built on it) and its evaluation command: a new task is one file and its registry
+    line, and no other module learns its keys."""
+    keys = _declared_task_keys()
+    assert {"question_key", "story_columns", "task_low", "fewshot_examples"} <= set(keys)
+    bad, seen = [], 0
+    for path in ENGINE_FILES:
+        for line, key in _task_key_reads(path, keys):
+            seen += 1
+            if not any(path in _owners(cls) for cls in keys[key]):
+                bad.append(f"{path.relative_to(ROOT)}:{line} reads {key} "
+                           f"(of task {', '.join(keys[key].values())})")
+    assert seen > 20  # the tasks read their keys where they may
+    assert not bad, bad
+
+
+def test_the_task_key_rule_can_fail(tmp_path):
+    leak = tmp_path / "leak.py"
+    leak.write_text("def f(cfg):\n"
+                    "    return cfg.task.question_key, getattr(cfg.task, 'infill_column')\n")
+    assert _task_key_reads(leak, {"question_key", "infill_column"}) == [
+        (2, "question_key"), (2, "infill_column")]
+
+
+SAMPLER = "fastgfn.trainer.sampling.sampler"
+ENTRY_POINT = PACKAGE / "trainer" / "sampling" / "policy.py"
+
+
+def _calls_the_sampler(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "") == SAMPLER and \
+                any(a.name == "sample" for a in node.names):
+            return True
+        if isinstance(node, ast.Attribute) and node.attr == "sample" and \
+                getattr(node.value, "id", None) == "sampler":
+            return True
+    return False
+
+
+def test_one_sampling_entry_point():
+    """Only ``sampling/policy.py`` calls the token sampler; the rollout, the evaluation, the
+    evaluation commands, the baselines and the TRL trainer sample through
+    ``sample_policy``."""
+    callers = sorted(str(p.relative_to(ROOT)) for p in ENGINE_FILES if _calls_the_sampler(p))
+    assert callers == [str(ENTRY_POINT.relative_to(ROOT))]
+
+
+def test_the_sampling_rule_can_fail(tmp_path):
+    other = tmp_path / "other.py"
+    other.write_text("from fastgfn.trainer.sampling.sampler import draw_temperatures, sample\n")
+    assert _calls_the_sampler(other)
+    other.write_text("from fastgfn.trainer.sampling.sampler import draw_temperatures\n")
+    assert not _calls_the_sampler(other)

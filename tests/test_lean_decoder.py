@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from fastgfn.trainer.kv_cache import cache_kwarg, output_cache
+from fastgfn.trainer.model.kv_cache import cache_kwarg, output_cache
 from fastgfn.trainer.sampling.lean_decoder import LeanDecoder, lean_decoder_unsupported
 from fastgfn.trainer.sampling.packed_linear import packing_supported
 from fastgfn.trainer.sampling.replica import SamplingReplica

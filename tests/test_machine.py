@@ -1,6 +1,6 @@
-"""fastgfn/trainer/machine.py: the machine every reported figure names."""
+"""fastgfn/trainer/reporting/machine.py: the machine every reported figure names."""
 
-from fastgfn.trainer.machine import EXTENSIONS, cpu_facts, describe_machine, machine_line
+from fastgfn.trainer.reporting.machine import EXTENSIONS, cpu_facts, describe_machine, machine_line
 
 XEON = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8488C

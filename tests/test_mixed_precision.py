@@ -1,4 +1,4 @@
-"""``mixed_precision: bf16`` (fastgfn/trainer/precision.py): bf16 compute under
+"""``mixed_precision: bf16`` (fastgfn/trainer/model/precision.py): bf16 compute under
 ``torch.autocast`` with fp32 master weights. On the tiny model the step's loss and gradients
 are close to fp32's (bf16 rounding, not a different objective), the trainer's matmuls see
 bf16 while its parameters, gradients and optimizer stay fp32, and bad combinations are
@@ -26,7 +26,7 @@ TINY = [
 
 
 def test_config_checks():
-    assert load_config(None, ["model=tiny"]).mixed_precision == "no"
+    assert load_config(None, ["model=tiny"]).model.mixed_precision == "no"
     with pytest.raises(ConfigError, match=r"mixed_precision: must be one of \('no', 'bf16'\)"):
         load_config(None, ["model=tiny", "mixed_precision=fp8"])
     with pytest.raises(ConfigError, match="mixed_precision: 'bf16' .* needs dtype=float32"):
@@ -54,7 +54,7 @@ def _loss_and_grads(model, prompt, tokens, term, lengths, log_r, autocast: bool)
 
 def test_step_loss_and_gradients_close_to_fp32():
     """One SubTB step on fixed tokens: bf16 autocast against fp32, the same fp32 weights."""
-    from fastgfn.trainer.models import load_model
+    from fastgfn.trainer.model.loading import load_model
 
     torch.manual_seed(0)
     model, _ = load_model(load_config(None, ["model=tiny", "tiny_hidden=64"]))

@@ -134,7 +134,7 @@ def test_log_z_auto_init_ignores_non_finite_rows(tmp_path):
     ("reward_temperature=inf", "reward_temperature"),
     ("reward_temperature_end=nan", "reward_temperature_end"),
     ("reward_temperature_end=inf", "reward_temperature_end"),
-    ("illegal_token_bias=-inf", "illegal_token_bias"), ("lora_alpha=nan", "lora_alpha"),
+    ("lora_alpha=nan", "lora_alpha"),
     ("weight_decay=nan", "weight_decay"), ("log_z_lr=inf", "log_z_lr"),
     ("subtb_lambda=0", "subtb_lambda"), ("subtb_lambda=nan", "subtb_lambda"),
     ("max_nonfinite_steps=0", "max_nonfinite_steps"),
@@ -145,13 +145,23 @@ def test_non_finite_config_values_are_refused(override, key):
         load_config(None, [override])
 
 
+def test_non_finite_task_values_are_refused(tmp_path):
+    """A task's own keys are checked by its options, for a task that has them."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    for value in ("-inf", "nan"):
+        with pytest.raises(ConfigError, match=r"^illegal_token_bias: must be"):
+            load_config(None, ["task=continuation", f"data_path={prompts}",
+                               f"illegal_token_bias={value}"])
+
+
 def test_the_skip_makes_no_host_read(tmp_path, monkeypatch):
     """The engine's step and log Z's step decide the skip on the device: no tensor is read on
     the host inside them (on CUDA such a read would be a sync per step). Python-level reads
     are made to fail while they run; the step is skipped all the same."""
     tr = Trainer(load_config(None, ARGS + ["steps=2", f"output_dir={tmp_path}"]))
     _poison(tr.task, {1}, float("nan"), tr=tr)
-    for _ in range(tr.cfg.grad_accum):
+    for _ in range(tr.cfg.optimisation.grad_accum):
         tr._micro_step()
     params = _params(tr.engine.module)
 

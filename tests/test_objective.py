@@ -2,7 +2,6 @@
 minimum length, the flow of the initial state per prompt (the policy's own, or a learned log Z
 per prompt), the loss choice, and its wiring in the trainer."""
 
-import dataclasses
 import itertools
 
 import pytest
@@ -55,7 +54,7 @@ def test_floor_reward_for_short_states_matches_brute_force():
     assert abs(unforced - want) > 1e-2
     assert flow == pytest.approx(float((want_r[:, 0] - log_pterm[:, 0].double()).mean()))
     # the floor is not a constant of the pair set: a different floor changes the loss
-    other = Objective(dataclasses.replace(cfg, min_length_log_reward=-5.0), "cpu", 3)
+    other = Objective(cfg.replace(min_length_log_reward=-5.0), "cpu", 3)
     loss5, _ = other.loss(log_pf, log_pterm, other.tempered_log_rewards(raw, 0), lengths,
                           torch.zeros(B, dtype=torch.bool), 1)
     assert abs(loss5.item() - want) > 1.0
@@ -83,7 +82,7 @@ def test_learned_log_z_is_per_prompt_and_refuses_unseen_prompts():
     with pytest.raises(ValueError, match="prompt_index"):
         obj.loss(log_pf, log_pterm, log_r, lengths, dead, 2)
     # TB uses the same table
-    tb = Objective(dataclasses.replace(cfg, loss="tb"), "cpu", num_prompts=2)
+    tb = Objective(cfg.replace(loss="tb"), "cpu", num_prompts=2)
     with torch.no_grad():
         tb.log_z.param.copy_(torch.tensor([2.0, 3.0]))
     loss, _ = tb.loss(log_pf, log_pterm, log_r, lengths, dead, 1)
@@ -156,7 +155,7 @@ def test_only_per_prompt_flows_balance_the_exact_target():
     both prompts, so training can end there; one global log Z cannot, whatever its value: the
     sub-trajectories from s0 keep residual c - log Z(X), and the summed loss of the two prompts
     is at least (share of pairs from s0) * (log Z(B) - log Z(A))^2 / 2."""
-    from fastgfn.trainer.models import CharTokenizer
+    from fastgfn.trainer.model.loading import CharTokenizer
 
     from .two_prompt_task import TwoPromptTask
 

@@ -301,7 +301,7 @@ def test_answer_accuracy(lm, tmp_path):
     zero-shot: the empty rationale, its scores equal to a float64 brute force. Only the first
     eval_questions questions count."""
     from fastgfn.trainer.engines.torch_engine import TorchEngine
-    from fastgfn.trainer.evaluation import answer_accuracy
+    from fastgfn.trainer.evaluation.in_training import answer_accuracy
 
     model, tok = lm
     data = tmp_path / "data.jsonl"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fastgfn.trainer import load_config
+from fastgfn.trainer.model.reward import RewardLM
 from fastgfn.trainer.replay import ReplayBuffer
-from fastgfn.trainer.reward_model import RewardLM
 from fastgfn.trainer.tasks import build_task
 from fastgfn.trainer.tools.calculator import complete_rationale
 
@@ -52,7 +52,7 @@ def test_worked_rows_replay_through_the_calculator(arith):
     import json
 
     cfg, task = arith
-    items = json.loads(Path(cfg.data_path).read_text())
+    items = json.loads(Path(cfg.task.data_path).read_text())
     rows = task.worked_rows()
     assert len(rows) == len(items) == task.num_prompts()
     tool = task.tool()
@@ -149,10 +149,10 @@ def test_seeded_replay_finds_the_mode_that_exploration_misses(tmp_path, monkeypa
 
 
 def test_reward_gap_scores_every_complete_prefix(arith):
-    """``arithmetic_eval.reward_gap``: one log-reward per state that ends right after a
+    """``evaluation.arithmetic.reward_gap``: one log-reward per state that ends right after a
     calculator result, the last the worked rationale's own (as seeded), each equal to the
     reward of that prefix scored alone; the summary counts what it says."""
-    from fastgfn.trainer.arithmetic_eval.reward_gap import result_states, reward_gaps, summary
+    from fastgfn.trainer.evaluation.arithmetic.reward_gap import result_states, reward_gaps, summary
     from fastgfn.trainer.replay_seed import worked_batch, worked_log_rewards
 
     assert result_states([True, True, False, True, False, False, True]) == [2, 3]

@@ -10,9 +10,9 @@ import torch
 
 from fastgfn.train import main, parse_args
 from fastgfn.trainer import CheckpointError, Trainer
-from fastgfn.trainer.checkpoint_files import write_marker
+from fastgfn.trainer.persistence.checkpoint_files import write_marker
+from fastgfn.trainer.persistence.resume import FIXED, FREE, check_client_state
 from fastgfn.trainer.replay import ReplayBuffer
-from fastgfn.trainer.resume import FIXED, FREE, check_client_state
 from tests.test_checkpoints import COMMON, _cfg, run6  # noqa: F401 (fixture)
 
 STEP4 = "step_00000004"
@@ -56,7 +56,7 @@ def test_free_settings_apply_without_the_override(run6, tmp_path, capsys):  # no
     tr = Trainer(_cfg(out, "resume=true", "steps=8", "keep_checkpoints=5", "eval_every=3"))
     assert tr.maybe_resume() and tr.step == 4
     assert "resume: changed:" in capsys.readouterr().out
-    tr.cfg.resume = False
+    tr.cfg.run.resume = False
     tr.run()
     assert tr.step == 8
 
@@ -78,7 +78,7 @@ def test_allowed_changes_are_applied_and_recorded(run6, tmp_path, capsys):  # no
     assert group["lr"] == pytest.approx(0.01 * lr_factor(4, tr.cfg))
     assert group["weight_decay"] == 0.1
     assert tr.buffer.capacity == 2 and all(len(v) <= 2 for v in tr.buffer.entries.values())
-    tr.cfg.resume = False
+    tr.cfg.run.resume = False
     tr.run()
     saved = json.loads((out / "checkpoints" / "step_00000006" / "client_state.json").read_text())
     assert saved["config"]["lr"] == 0.01 and saved["config"]["replay_size"] == 2
@@ -88,8 +88,9 @@ def test_allowed_changes_are_applied_and_recorded(run6, tmp_path, capsys):  # no
 
 def test_key_classes_are_disjoint_and_known():
     from fastgfn.trainer import Config
+    from fastgfn.trainer.tasks import TASKS
 
-    names = set(Config().to_dict())
+    names = set().union(*(Config(task=t).to_dict() for t in TASKS))
     assert names >= FREE | FIXED and not FREE & FIXED
 
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from fastgfn.trainer import ConfigError, Trainer, load_config
-from fastgfn.trainer import metrics_log as metrics_log_module
-from fastgfn.trainer.model_card import model_card
-from fastgfn.trainer.plots import read_step_metrics
+from fastgfn.trainer.reporting import metrics_log as metrics_log_module
+from fastgfn.trainer.reporting.model_card import model_card
+from fastgfn.trainer.reporting.plots import read_step_metrics
 
 TINY = ["model=tiny", "tiny_hidden=32", "batch_size=8", "max_new_tokens=3", "progress=false",
         "eval_samples=0", "steps=3", "loss=tb"]
@@ -135,9 +135,9 @@ def test_report_to_wandb_offline_needs_no_network(tmp_path, monkeypatch):
 
 
 def test_report_to_parses_and_checks_its_targets(monkeypatch):
-    assert load_config(None, []).report_to == []  # default: none
-    assert load_config(None, ["report_to=none"]).report_to == []
-    both = load_config(None, ["report_to=tensorboard,wandb"]).report_to
+    assert load_config(None, []).run.report_to == []  # default: none
+    assert load_config(None, ["report_to=none"]).run.report_to == []
+    both = load_config(None, ["report_to=tensorboard,wandb"]).run.report_to
     assert both == ["tensorboard", "wandb"]
     with pytest.raises(ConfigError, match="^report_to: unknown logging target 'mlflow'"):
         load_config(None, ["report_to=mlflow"])
@@ -153,14 +153,14 @@ def test_report_to_parses_and_checks_its_targets(monkeypatch):
 def test_report_to_from_a_yaml_list_and_the_deprecated_tensorboard_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("report_to: [tensorboard, wandb]\n")
-    assert load_config(path).report_to == ["tensorboard", "wandb"]
+    assert load_config(path).run.report_to == ["tensorboard", "wandb"]
     path.write_text("report_to: [tensorboard, 3]\n")
     with pytest.raises(ConfigError, match="^report_to: expected a list"):
         load_config(path)
     with pytest.warns(FutureWarning, match="report_to=tensorboard"):
         cfg = load_config(None, ["tensorboard=true"])
-    assert cfg.report_to == ["tensorboard"] and cfg.tensorboard is None
+    assert cfg.run.report_to == ["tensorboard"] and cfg.run.tensorboard is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         cfg = load_config(None, ["report_to=tensorboard", "tensorboard=false"])
-    assert cfg.report_to == []
+    assert cfg.run.report_to == []

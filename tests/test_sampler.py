@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fastgfn.trainer import load_config
-from fastgfn.trainer.kv_cache import cache_kwarg, output_cache
-from fastgfn.trainer.models import build_tiny
+from fastgfn.trainer.model.kv_cache import cache_kwarg, output_cache
+from fastgfn.trainer.model.loading import build_tiny
 from fastgfn.trainer.sampling.attention import packed_decode_attention
 from fastgfn.trainer.sampling.packed_linear import pack_linear_layers, packing_supported
 from fastgfn.trainer.sampling.replica import SamplingReplica

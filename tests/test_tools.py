@@ -10,7 +10,7 @@ import torch
 
 import fastgfn
 from fastgfn.trainer import load_config
-from fastgfn.trainer.models import build_tiny
+from fastgfn.trainer.model.loading import build_tiny
 from fastgfn.trainer.replay import ReplayBuffer, check_state
 from fastgfn.trainer.sampling.sampler import sample
 from fastgfn.trainer.scoring import gfn_logprobs, state_positions

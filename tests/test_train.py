@@ -88,7 +88,7 @@ def test_resume_matches_uninterrupted(tmp_path):
         load_config(None, common + ["steps=6", f"output_dir={tmp_path / 'b'}", "resume=true"])
     )
     assert resumed.maybe_resume() and resumed.step == 4
-    resumed.cfg.resume = False  # already loaded
+    resumed.cfg.run.resume = False  # already loaded
     resumed.run()
     a, b = _params(full.engine.module), _params(resumed.engine.module)
     for k in a:
@@ -105,7 +105,7 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 
 def test_checkpoint_atomic_latest(tmp_path):
-    from fastgfn.trainer.checkpoint import latest_checkpoint
+    from fastgfn.trainer.persistence.checkpoint import latest_checkpoint
 
     cfg = load_config(
         None, TINY + ["steps=4", "save_every=1", "keep_checkpoints=2", f"output_dir={tmp_path}"]
@@ -152,7 +152,7 @@ def test_sigterm_saves_and_exits(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out.decode()[-2000:]
     assert b"saved" in out
-    from fastgfn.trainer.checkpoint import latest_checkpoint
+    from fastgfn.trainer.persistence.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(tmp_path / "checkpoints")
     assert ckpt is not None

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fastgfn.trainer.models import CharTokenizer
+from fastgfn.trainer.model.loading import CharTokenizer
 from fastgfn.trainer.tasks.random_number import RandomNumberTask
 
 

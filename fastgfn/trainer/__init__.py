@@ -1,27 +1,30 @@
 """The training engine: GFlowNet fine-tuning of Hugging Face causal LMs in one process or
-under DeepSpeed ZeRO-2/3. The files are the steps of a run:
+under DeepSpeed ZeRO-2/3, grouped by job:
 
-    config.py, config_loading.py, errors.py   what a run is asked to do
-    components.py                             building the parts of a run
-    trainer.py                                Trainer: run() and train_step()
-    rollout.py                                where a batch comes from (sampled or replayed)
-    sampling/                                 the sampler, decoders, the sampling replica
-    tasks/                                    prompts, termination and rewards (Task)
-    reward_model.py                           the frozen reward LM
-    scoring.py, kv_cache.py                   teacher-forced log-probs with a shared prompt
-    objective.py                              loss choice, log Z, dead ends, the s0 flow
-    engines/                                  torch and DeepSpeed ZeRO engines (Engine)
-    replay.py                                 the replay buffer
-    checkpoint.py, checkpoint_files.py        checkpoints that never lose work
-    resume.py                                 which checkpoint resume takes; config changes
-    nonfinite.py                              never training on NaN
-    signals.py, export.py                     clean stops, the saved model
-    evaluation.py, report.py, metrics_log.py  evaluation, the final table, metrics files
-    plots.py, model_card.py                   training curves; the exported model's card
-    integrations/                             other tools (TRL); imported only by their users
-    continuation_eval/                        the continuation results table (a command)
-    infilling_eval/                           the story-infilling results table (a command)
-    baselines/                                SFT (TRL); imported only by their users
+    config.py, sections.py, config_loading.py  what a run is asked to do: typed sections,
+    errors.py                                   flat YAML keys, errors that name the key
+    run_setup.py                                building the parts of a run, in order
+    trainer.py                                  Trainer: run() and train_step()
+    batches.py                                  where a batch comes from (sampled or replayed)
+    sampling/                                   the sampler and its one entry point
+                                                (policy.py), decoders, the sampling replica
+    tasks/, tools/                              prompts, termination, rewards and each task's
+                                                own config keys (Task, its Options); the tool
+    scoring.py                                  teacher-forced log-probs with a shared prompt
+    objective.py                                loss choice, log Z, forced stops, the s0 flow
+    replay.py, replay_seed.py                   the replay buffer, seeded with worked rows
+    nonfinite.py, signals.py                    never training on NaN; clean stops
+    model/                                      loading the policy, the frozen reward LM, the
+                                                shared KV cache, mixed precision
+    engines/                                    torch and DeepSpeed ZeRO engines (Engine)
+    persistence/                                checkpoints that never lose work, resume, the
+                                                exported model
+    reporting/                                  metrics files, per-step diagnostics, the final
+                                                table, plots, the model card, the machine
+    evaluation/                                 evaluation during a run, and one command per
+                                                task against the paper's baselines
+    baselines/                                  SFT and RL on TRL; imported only by their users
+    integrations/                               other tools (TRL); imported only by their users
 
 The library (``fastgfn`` itself: losses, ops, kernels) never imports this package.
 """

@@ -14,8 +14,6 @@ install.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
@@ -26,11 +24,6 @@ from fastgfn.trainer.errors import ConfigError
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # fastgfn/
 PACKAGED_CONFIGS = PACKAGE_DIR / "configs"
 PATH_KEYS = ("data_path", "eval_data_path", "deepspeed_config")
-
-
-def _field_types() -> dict[str, object]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
 def _coerce(key: str, value, typ):
@@ -91,20 +84,15 @@ def _coerce(key: str, value, typ):
     raise ConfigError(f"{key}: unsupported type {typ}")
 
 
-def _unknown(key: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(Config)]
-    close = difflib.get_close_matches(key, names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"{key}: unknown configuration key{hint}")
-
-
 def from_dict(values: dict, base: Config | None = None) -> Config:
-    types_ = _field_types()
-    cfg = dataclasses.replace(base) if base is not None else Config()
+    """``base`` (or the defaults) with the flat keys of ``values`` set, each converted to its
+    field's type; the ``task`` key first, since it decides which task keys exist."""
+    cfg = base.replace() if base is not None else Config()
+    if "task" in values:
+        cfg.set("task", _coerce("task", values["task"], str))
     for key, value in values.items():
-        if key not in types_:
-            raise _unknown(key)
-        setattr(cfg, key, _coerce(key, value, types_[key]))
+        if key != "task":
+            cfg.set(key, _coerce(key, value, cfg.field_type(key)))
     return cfg
 
 
@@ -175,11 +163,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = from_dict(data, cfg)
         for key in PATH_KEYS:
             if key in data:
-                setattr(cfg, key, resolve_path(getattr(cfg, key), path.parent))
+                cfg.set(key, resolve_path(cfg.get(key), path.parent))
     if overrides:
         values = parse_overrides(overrides)
         cfg = from_dict(values, cfg)
         for key in PATH_KEYS:
             if key in values:
-                setattr(cfg, key, resolve_path(getattr(cfg, key), Path.cwd()))
+                cfg.set(key, resolve_path(cfg.get(key), Path.cwd()))
     return validate(cfg)

@@ -7,8 +7,8 @@ Everything GFlowNet-specific between the scores and ``loss.backward()`` lives he
   keep it; docs/TRAINING.md "Arithmetic: why the GFlowNet collapsed" measures what a floor
   far below log Z does to the flows), then
   everything is divided by the reward temperature (its schedule is here too);
-- dead ends: a row that reaches a state the task says can never become valid is cut there
-  and ends as a forced stop (``log q(STOP | dead state) = 0``) with the task's reward;
+- forced stops: a row cut at a dead end by the rollout (``Batch.dead``: a state the task says
+  can never become valid) or at ``max_new_tokens`` actions ends with ``log q(STOP) = 0``;
 - the flow of the initial state s_0 given the prompt X, ``log F(s_0 | X) = log Z(X)``
   (``initial_flow``). ``policy``: every state keeps its flow ``log R(s) - log q(STOP | s)``
   from the policy's own termination probability, s_0 included (with the floor reward when
@@ -31,8 +31,7 @@ import torch
 import fastgfn
 from fastgfn.trainer.engines.distributed import all_ranks_agree, all_reduce_mean_, rank
 from fastgfn.trainer.errors import ConfigError
-
-LOSSES = ("subtb", "db", "tb", "vargrad")
+from fastgfn.trainer.sections import LOSSES
 
 
 class LogZ:
@@ -108,61 +107,49 @@ class Objective:
     """The loss of a scored batch, and the state it learns (log Z)."""
 
     def __init__(self, cfg, device, num_prompts: int = 1):
-        if cfg.loss not in LOSSES:
-            raise ConfigError(f"loss: must be one of {LOSSES}, got {cfg.loss!r}")
-        self.cfg = cfg
-        self.initial_flow = resolve_initial_flow(cfg.initial_flow, num_prompts)
+        if cfg.objective.loss not in LOSSES:
+            raise ConfigError(f"loss: must be one of {LOSSES}, got {cfg.objective.loss!r}")
+        self.settings, self.sampling = cfg.objective, cfg.sampling  # the sections it reads
+        self.initial_flow = resolve_initial_flow(cfg.objective.initial_flow, num_prompts)
         size = 1 if self.initial_flow == "global_log_z" else num_prompts
-        self.log_z = LogZ(cfg.log_z_init, cfg.log_z_lr, device, size)
+        self.log_z = LogZ(cfg.objective.log_z_init, cfg.objective.log_z_lr, device, size)
         self._log_z_set = False
 
     def reward_temperature(self, step: int) -> float:
         """Linear schedule from ``reward_temperature`` to ``reward_temperature_end``."""
-        cfg = self.cfg
-        if cfg.reward_temperature_end is None or cfg.reward_temperature_steps <= 0:
-            return cfg.reward_temperature
-        f = min(1.0, step / cfg.reward_temperature_steps)
-        return cfg.reward_temperature + f * (cfg.reward_temperature_end - cfg.reward_temperature)
+        o = self.settings
+        if o.reward_temperature_end is None or o.reward_temperature_steps <= 0:
+            return o.reward_temperature
+        f = min(1.0, step / o.reward_temperature_steps)
+        return o.reward_temperature + f * (o.reward_temperature_end - o.reward_temperature)
 
     def tempered_log_rewards(self, log_r: torch.Tensor, step: int) -> torch.Tensor:
         """``log R`` of every prefix (``[B, T + 1]``, untempered) as the loss sees it: states
         shorter than ``min_new_tokens`` at the floor ``min_length_log_reward``, then divided
         by the reward temperature at ``step``."""
-        short = min(self.cfg.min_new_tokens, log_r.shape[1])
-        if short > 0 and self.cfg.min_length_log_reward is not None:
+        short = min(self.sampling.min_new_tokens, log_r.shape[1])
+        if short > 0 and self.settings.min_length_log_reward is not None:
             log_r = log_r.clone()
-            log_r[:, :short] = self.cfg.min_length_log_reward
+            log_r[:, :short] = self.settings.min_length_log_reward
         return log_r / self.reward_temperature(step)
-
-    def cut_dead_ends(self, task, rows: list[list[int]], lengths: torch.Tensor) -> torch.Tensor:
-        """Cut every row at its first dead state (``task.dead_index``; with ``dead_ends``):
-        ``rows`` and ``lengths`` are changed in place. Returns the rows that were cut."""
-        dead = torch.zeros(len(rows), dtype=torch.bool)
-        if not self.cfg.dead_ends:
-            return dead
-        for b, row in enumerate(rows):
-            t = task.dead_index(row)
-            if t is not None:
-                rows[b] = row[:t]
-                lengths[b] = t
-                dead[b] = True
-        return dead
 
     def loss(self, log_pf, log_pterm, log_r, lengths, dead, prompt_index: int = 0):
         """``(loss, log F(s_0 | X))`` of one micro-batch of prompt ``prompt_index``. ``log_r``
         comes from ``tempered_log_rewards``; ``dead`` marks rows that end at a dead end
         (forced stop). The second value is the flow of the initial state the loss used (the
         learned log Z, or the batch mean of the policy's own), for logging."""
-        cfg = self.cfg
         log_pf = log_pf.float()
         log_pterm = self.forced_stops(log_pterm.float(), lengths, dead)
-        if cfg.log_z_auto_init and not self._log_z_set:
+        if self.settings.log_z_auto_init and not self._log_z_set:
             self._init_log_z(log_pf, log_pterm, log_r, lengths)
         log_z = self.log_z[prompt_index]
-        uses_log_z = self.initial_flow != "policy" and cfg.min_new_tokens >= 1
-        if uses_log_z and cfg.loss in ("subtb", "db"):
+        uses_log_z = self.initial_flow != "policy" and self.sampling.min_new_tokens >= 1
+        if uses_log_z and self.settings.loss in ("subtb", "db"):
             log_pterm, log_r = self._s0_flow_from_log_z(log_pterm, log_r, log_z)
-        flow = log_z if uses_log_z or cfg.loss == "tb" else (log_r[:, 0] - log_pterm[:, 0]).mean()
+        if uses_log_z or self.settings.loss == "tb":
+            flow = log_z
+        else:
+            flow = (log_r[:, 0] - log_pterm[:, 0]).mean()
         return self._loss_of(log_pf, log_pterm, log_r, lengths, log_z), float(flow.detach())
 
     def forced_stops(self, log_pterm, lengths, dead):
@@ -171,19 +158,19 @@ class Objective:
         other move. Left to the policy, that state's stop probability is a free parameter:
         the loss can balance a row's flows by lowering it (a high F(s_n) = R / P(STOP))
         instead of by raising the row's action probabilities."""
-        forced = dead.to(lengths.device) | (lengths >= self.cfg.max_new_tokens)
+        forced = dead.to(lengths.device) | (lengths >= self.sampling.max_new_tokens)
         if not forced.any():
             return log_pterm
         at_end = torch.arange(log_pterm.shape[1], device=lengths.device)[None] == lengths[:, None]
         return log_pterm.masked_fill((at_end & forced[:, None]).to(log_pterm.device), 0.0)
 
     def _loss_of(self, log_pf, log_pterm, log_r, lengths, log_z):
-        cfg = self.cfg
-        if cfg.loss == "subtb":
-            return fastgfn.subtb_loss(log_pf, log_pterm, log_r, lengths, lam=cfg.subtb_lambda)
-        if cfg.loss == "db":
+        if self.settings.loss == "subtb":
+            return fastgfn.subtb_loss(log_pf, log_pterm, log_r, lengths,
+                                      lam=self.settings.subtb_lambda)
+        if self.settings.loss == "db":
             return fastgfn.db_loss(log_pf, log_pterm, log_r, lengths)
-        if cfg.loss == "tb":
+        if self.settings.loss == "tb":
             return fastgfn.tb_loss(log_pf, log_pterm, log_r, lengths, log_z)
         return fastgfn.vargrad_loss(log_pf, log_pterm, log_r, lengths)
 

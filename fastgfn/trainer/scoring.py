@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from fastgfn.lm_logprobs import gfn_logprobs_from_hidden
-from fastgfn.trainer.kv_cache import cache_kwarg, expand_cache, output_cache
+from fastgfn.trainer.model.kv_cache import cache_kwarg, expand_cache, output_cache
 
 
 def hidden_states(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, *,

@@ -4,16 +4,16 @@
 cleanly on SIGTERM/SIGINT), evaluates again, prints the before/after table and saves the
 fine-tuned model. ``train_step`` is one optimizer step over ``grad_accum`` micro-batches:
 
-    batch   = rollouts.next_batch()               rollout.py: sampled or replayed rows
+    batch   = batches.next_batch()                batches.py: sampled or replayed, final rows
     log R   = task.log_rewards(prompt, rows)      tasks/: the reward of every prefix
     log q   = gfn_logprobs(policy, prompt, rows)  scoring.py: one teacher-forced pass
     loss    = objective.loss(log q, log R / T)    objective.py: SubTB/DB/TB/VarGrad, log Z
     engine.backward(loss); ...; engine.step()     engines/: torch or DeepSpeed ZeRO
 
-The parts are built in ``components.py``; checkpoints are ``checkpoint.py`` and
-``resume.py``, the exported model ``export.py`` (its card ``model_card.py``), evaluation
-``evaluation.py``, the pictures ``report.py`` and ``plots.py``, the policy for non-finite
-values ``nonfinite.py``.
+The parts are built in ``run_setup.py``; checkpoints, resume and the exported model are in
+``persistence/``, metrics files, the before/after table, the pictures and the model card in
+``reporting/``, the evaluation in ``evaluation/in_training.py``, the policy for non-finite
+values in ``nonfinite.py``.
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ from pathlib import Path
 
 import torch
 
-from fastgfn.trainer import checkpoint, components, resume
-from fastgfn.trainer.diagnostics import batch_diagnostics, worked_rationale_metrics
-from fastgfn.trainer.evaluation import evaluate
-from fastgfn.trainer.export import export_model, usage
-from fastgfn.trainer.metrics_log import MetricsLogger
-from fastgfn.trainer.model_card import model_card
+from fastgfn.trainer import run_setup
+from fastgfn.trainer.evaluation.in_training import evaluate
+from fastgfn.trainer.model.precision import autocast
 from fastgfn.trainer.nonfinite import SkipCounter, nonfinite_rows, poisoned, report_rows
-from fastgfn.trainer.plots import training_curves
-from fastgfn.trainer.precision import autocast
-from fastgfn.trainer.report import format_table, histogram
+from fastgfn.trainer.persistence import checkpoint, resume
+from fastgfn.trainer.persistence.export import export_model, usage
+from fastgfn.trainer.reporting.diagnostics import batch_diagnostics, worked_rationale_metrics
+from fastgfn.trainer.reporting.metrics_log import MetricsLogger
+from fastgfn.trainer.reporting.model_card import model_card
+from fastgfn.trainer.reporting.plots import training_curves
+from fastgfn.trainer.reporting.report import format_table, histogram
 from fastgfn.trainer.scoring import gfn_logprobs
 from fastgfn.trainer.signals import StopSignals
 
@@ -42,23 +43,23 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         resume.check_run_directories(cfg)  # before the model loads
-        parts = components.build(cfg)
+        parts = run_setup.build(cfg)
         self.rank, self.world = parts.rank, parts.world
         self.is_main = self.rank == 0
         self.tokenizer, self.task, self.answer_task = parts.tokenizer, parts.task, parts.answer_task
-        self.engine, self.objective, self.rollouts = parts.engine, parts.objective, parts.rollouts
+        self.engine, self.objective, self.batches = parts.engine, parts.objective, parts.batches
         self.buffer, self.streams = parts.buffer, parts.streams
         self.load_seconds = parts.load_seconds
         self.step = 0
         self.saved_step = None  # the step of the checkpoint this run saved or resumed last
-        self.skips = SkipCounter(cfg.max_nonfinite_steps)
-        self.out = Path(cfg.output_dir)
+        self.skips = SkipCounter(cfg.optimisation.max_nonfinite_steps)
+        self.out = Path(cfg.run.output_dir)
         self.logger = MetricsLogger(cfg, self.out, self.is_main)
 
     # one step -----------------------------------------------------------------------------
     def train_step(self) -> dict:
         t0 = time.time()
-        micro = [self._micro_step() for _ in range(self.cfg.grad_accum)]
+        micro = [self._micro_step() for _ in range(self.cfg.optimisation.grad_accum)]
         grad_norm, skipped = self.engine.step()
         self.objective.step(skipped)
         metrics = {}  # the mean over the micro-batches that have the key (sampled-only ones)
@@ -77,7 +78,7 @@ class Trainer:
             lr=self.engine.lr(),
             tokens_per_s=tokens / dt,
             step_s=dt,
-            peak_memory_mb=components.peak_memory_mb(self.engine.device),
+            peak_memory_mb=run_setup.peak_memory_mb(self.engine.device),
             buffer=len(self.buffer),
         )
         del metrics["rows"]
@@ -86,8 +87,8 @@ class Trainer:
     def _micro_step(self) -> dict:
         cfg, task, dev = self.cfg, self.task, self.engine.device
         with autocast(cfg, dev):  # mixed_precision (precision.py); the backward runs outside
-            batch = self.rollouts.next_batch()
-            dead = self.objective.cut_dead_ends(task, batch.rows, batch.lengths)
+            batch = self.batches.next_batch()  # final: cut at its dead ends
+            dead = batch.dead
             # untempered; with a tool, at the states only (actions count, tool tokens do not)
             log_r = task.state_log_rewards(batch.prompt_index, batch.rows, batch.width,
                                            batch.states)
@@ -99,7 +100,7 @@ class Trainer:
             log_pf, log_pterm = gfn_logprobs(
                 self.engine.module, task.prompt_tokens(batch.prompt_index).to(dev),
                 batch.tokens.to(dev), task.termination_token_id,
-                use_fused=cfg.use_fused_logprobs, vocab_bias=self.rollouts.policy_bias,
+                use_fused=cfg.objective.use_fused_logprobs, vocab_bias=self.batches.policy_bias,
                 states=batch.states,
             )
             tempered = self.objective.tempered_log_rewards(log_r, self.step).to(dev)
@@ -107,7 +108,7 @@ class Trainer:
                                              batch.prompt_index)
         self.engine.backward(poisoned(loss, bool(bad)))
         final = log_r.gather(1, n[:, None]).squeeze(1)  # untempered
-        self.rollouts.remember(batch, final.tolist())  # the buffer refuses non-finite rewards
+        self.batches.remember(batch, final.tolist())  # the buffer refuses non-finite rewards
         log_pterm = self.objective.forced_stops(log_pterm.detach(), n.to(dev), dead)
         return batch_diagnostics(cfg, batch, log_pf, log_pterm, tempered, final) | {
             "loss": float(loss.detach()),
@@ -129,7 +130,7 @@ class Trainer:
         before = None
         try:
             with StopSignals() as signals:
-                if cfg.eval_before and cfg.eval_samples > 0 and not resumed:
+                if cfg.evaluation.eval_before and cfg.evaluation.eval_samples > 0 and not resumed:
                     before = self._evaluate("before")
                 results.update(self._train(signals))
             if not results.get("interrupted"):
@@ -145,10 +146,11 @@ class Trainer:
 
     def _train(self, signals: StopSignals) -> dict:
         cfg = self.cfg
-        bar = components.progress_bar(cfg, self.is_main, cfg.steps, self.step, "fastgfn")
+        steps = cfg.optimisation.steps
+        bar = run_setup.progress_bar(cfg, self.is_main, steps, self.step, "fastgfn")
         t_train, first_step = time.time(), self.step
         results = {}
-        while self.step < cfg.steps:
+        while self.step < steps:
             m = self.train_step()
             self.step += 1
             self.skips.update(bool(m["skipped"]))
@@ -160,12 +162,13 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.3g}", logR=f"{m['log_reward']:.2f}",
                                 logZ=f"{m['log_z']:.2f}", buf=m["buffer"])
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            every = cfg.evaluation.eval_every
+            if every and self.step % every == 0 and self.step < steps:
                 self._log_policy_metrics(bar)
             stop = signals.requested()
-            if cfg.stop_after_steps and self.step - first_step >= cfg.stop_after_steps:
+            if cfg.run.stop_after_steps and self.step - first_step >= cfg.run.stop_after_steps:
                 stop = stop or "stop_after_steps"
-            if (cfg.save_every and self.step % cfg.save_every == 0) or stop:
+            if (cfg.run.save_every and self.step % cfg.run.save_every == 0) or stop:
                 path = self.save()
                 if stop:
                     self.print(f"\nstopping ({stop}): saved {path}; exiting")
@@ -182,24 +185,24 @@ class Trainer:
         export fail in a run that saves no checkpoints, its state is saved before the error
         propagates."""
         cfg, results, after = self.cfg, {}, None
-        if cfg.save_every:
+        if cfg.run.save_every:
             self.save()
         try:
-            if cfg.eval_samples > 0:
+            if cfg.evaluation.eval_samples > 0:
                 after = self._evaluate("after")
                 results.update(before=before, after=after)
             if self.is_main:
                 self._report(before, after)
-            if cfg.save_model:
+            if cfg.run.save_model:
                 card = model_card(cfg, steps=self.step, before=before, after=after,
                                   prompt=self.task.prompt_text(0),
                                   log_z=self.objective.log_z.value())
-                export_model(self.engine, self.tokenizer, cfg.model_dir, cfg.lora, card)
+                export_model(self.engine, self.tokenizer, cfg.model_dir, cfg.model.lora, card)
                 results["model_dir"] = str(cfg.model_dir)
         except Exception:
             self._rescue()
             raise
-        if cfg.save_model:
+        if cfg.run.save_model:
             self.print(f"fine-tuned model saved to {cfg.model_dir}; load and sample it with:\n"
                        + usage(cfg.model_dir, self.task.prompt_text(0)))
         return results
@@ -209,13 +212,13 @@ class Trainer:
         cfg = self.cfg
         if after is not None:
             print(format_table(before, after))
-            if cfg.histogram and "counts" in after:
+            if cfg.evaluation.histogram and "counts" in after:
                 png = self.out / "histogram.png"
                 histogram(before["counts"] if before else None, after["counts"], self.task, png)
                 print(f"histogram: {png}")
         png = self.out / "training_curves.png"
-        if cfg.training_curves and training_curves(self.out / "metrics.jsonl", png,
-                                                   f"{cfg.task}, loss={cfg.loss}"):
+        if cfg.evaluation.training_curves and training_curves(self.out / "metrics.jsonl", png,
+                                                   f"{cfg.task.name}, loss={cfg.objective.loss}"):
             print(f"training curves: {png}")
 
     def _rescue(self) -> None:
@@ -233,8 +236,9 @@ class Trainer:
     def _evaluate(self, when: str) -> dict:
         cfg = self.cfg
         self.print(f"evaluating the {'initial' if when == 'before' else 'fine-tuned'} policy "
-                   f"on {cfg.eval_samples} samples ...")
-        bar = components.progress_bar(cfg, self.is_main, cfg.eval_samples, 0, f"eval ({when})",
+                   f"on {cfg.evaluation.eval_samples} samples ...")
+        bar = run_setup.progress_bar(cfg, self.is_main, cfg.evaluation.eval_samples, 0,
+                                      f"eval ({when})",
                                       unit="sample")
         try:
             metrics = evaluate(self.engine, self.task, cfg, self.streams.eval_generator,
@@ -247,9 +251,9 @@ class Trainer:
         return metrics
 
     def _log_policy_metrics(self, bar) -> None:
-        metrics = self.task.policy_metrics(self.engine, self.cfg.min_new_tokens)
+        metrics = self.task.policy_metrics(self.engine, self.cfg.sampling.min_new_tokens)
         metrics.update(worked_rationale_metrics(self.engine, self.task,
-                                                self.rollouts.policy_bias))
+                                                self.batches.policy_bias))
         if metrics:
             self.logger.log(self.step, metrics)
             if bar is not None:
@@ -275,14 +279,14 @@ class Trainer:
             return root / checkpoint.checkpoint_name(self.step)
         path = checkpoint.save_checkpoint(
             self.engine, root, self.step, self.client_state(), self.streams.state(),
-            self.cfg.keep_checkpoints, self.objective.state_dict(),
+            self.cfg.run.keep_checkpoints, self.objective.state_dict(),
         )
         self.saved_step = self.step
         return path
 
     def maybe_resume(self) -> bool:
         """With ``resume``: load the newest usable checkpoint (``resume.py``)."""
-        return resume.resume(self) if self.cfg.resume else False
+        return resume.resume(self) if self.cfg.run.resume else False
 
     def print(self, *a) -> None:
         if self.is_main:

@@ -68,7 +68,7 @@ class ToolRollouts:
         return out
 
     def __call__(self, prompts: list[str], trainer) -> dict:
-        from fastgfn.trainer.models import eval_mode
+        from fastgfn.trainer.model.loading import eval_mode
 
         model = trainer.accelerator.unwrap_model(trainer.model)
         term = self.task.termination_token_id
@@ -135,7 +135,7 @@ def grpo_trainer(model, tokenizer, task, args: GRPOConfig, *, max_new_tokens: in
     ``log_reward_function``. ``tokenizer``: a Hugging Face tokenizer with a pad token."""
     import os
 
-    from fastgfn.trainer.models import exportable
+    from fastgfn.trainer.model.loading import exportable
 
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError("tokenizer: needs a pad token (set tokenizer.pad_token)")
@@ -174,9 +174,9 @@ def main(argv=None) -> None:
     import json
     import time
 
-    from fastgfn.trainer.baselines.command import load_config_and_model, trl_tokenizer
-    from fastgfn.trainer.models import load_model
-    from fastgfn.trainer.reward_model import RewardLM
+    from fastgfn.trainer.baselines.loading import load_config_and_model, trl_tokenizer
+    from fastgfn.trainer.model.loading import load_model
+    from fastgfn.trainer.model.reward import RewardLM
     from fastgfn.trainer.tasks import build_task
 
     args = parse_args(argv)
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
         model, tok, task, grpo_config(
             args.out, max_steps=args.steps, learning_rate=args.lr, num_generations=G,
             per_device_train_batch_size=G * args.prompts_per_step, seed=args.seed),
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+        max_new_tokens=cfg.sampling.max_new_tokens, min_new_tokens=cfg.sampling.min_new_tokens,
         temperature=args.temperature)
     trainer.train()
     history = trainer.state.log_history
@@ -198,8 +198,8 @@ def main(argv=None) -> None:
     if rewards and not all(math.isfinite(v) for v in rewards):
         raise RuntimeError(f"RL: non-finite rewards {rewards}")
     trainer.save_model(str(Path(args.out) / "model"))
-    summary = {"config": str(args.config), "overrides": args.overrides, "model": cfg.model,
-               "task": cfg.task, "trainer": "trl.GRPOTrainer with rollout_func",
+    summary = {"config": str(args.config), "overrides": args.overrides, "model": cfg.model.name,
+               "task": cfg.task.name, "trainer": "trl.GRPOTrainer with rollout_func",
                "steps": trainer.state.global_step, "generations": G,
                "prompts_per_step": args.prompts_per_step, "lr": args.lr,
                "temperature": args.temperature, "loss_type": trainer.args.loss_type,

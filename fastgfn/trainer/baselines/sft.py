@@ -129,7 +129,7 @@ def sft_trainer(model, tokenizer, examples: Sequence[SFTExample], args: SFTConfi
     default to ``sft_config(output_dir)``; ``kwargs`` go to ``SFTTrainer``. A model loaded
     from a GGUF file (dequantised, but still marked quantized, which ``transformers.Trainer``
     refuses to train) is first copied into a plain model: train and save ``trainer.model``."""
-    from fastgfn.trainer.models import exportable
+    from fastgfn.trainer.model.loading import exportable
 
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError("tokenizer: needs a pad token (set tokenizer.pad_token)")
@@ -158,22 +158,22 @@ def train_sft(model, tokenizer, examples: Sequence[SFTExample], output_dir: str 
 
 
 # the command ------------------------------------------------------------------------------
-# task -> "module:function" giving (prompt, completion, loss_mask or None) triples for a config
-SFT_DATA = {
-    "infilling": "fastgfn.trainer.tasks.infilling:sft_pairs",
-    "arithmetic": "fastgfn.trainer.tasks.arithmetic:sft_pairs",
-}
+def tasks_with_sft_data() -> list[str]:
+    """The registered tasks that have SFT examples (``Task.sft_pairs``)."""
+    from fastgfn.trainer.tasks import TASKS, Task, task_class
+
+    return [n for n in TASKS if task_class(n).sft_pairs.__func__ is not Task.sft_pairs.__func__]
 
 
 def task_examples(cfg, tokenizer) -> list[SFTExample]:
-    """The SFT examples of ``cfg``'s task (``SFT_DATA``); ``ValueError`` for a task without."""
-    import importlib
+    """The SFT examples of ``cfg``'s task (``Task.sft_pairs``); ``ValueError`` for a task
+    without."""
+    from fastgfn.trainer.tasks import task_class
 
-    if cfg.task not in SFT_DATA:
-        raise ValueError(f"task: no SFT data for task {cfg.task!r}; tasks with SFT data: "
-                         f"{', '.join(SFT_DATA)}")
-    module, func = SFT_DATA[cfg.task].split(":")
-    triples = getattr(importlib.import_module(module), func)(cfg, tokenizer)
+    triples = task_class(cfg.task.name).sft_pairs(cfg, tokenizer)
+    if triples is None:
+        raise ValueError(f"task: no SFT data for task {cfg.task.name!r}; tasks with SFT data: "
+                         f"{', '.join(tasks_with_sft_data())}")
     return [SFTExample(p, c, m) for p, c, m in triples]
 
 
@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     import json
     import time
 
-    from fastgfn.trainer.baselines.command import load_config_and_model, trl_tokenizer
+    from fastgfn.trainer.baselines.loading import load_config_and_model, trl_tokenizer
 
     args = parse_args(argv)
     start = time.time()
@@ -210,8 +210,8 @@ def main(argv=None) -> None:
                         learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
                         gradient_accumulation_steps=args.grad_accum, seed=args.seed)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    summary = {"config": str(args.config), "overrides": args.overrides, "model": cfg.model,
-               "task": cfg.task, "examples": len(examples), "epochs": args.epochs,
+    summary = {"config": str(args.config), "overrides": args.overrides, "model": cfg.model.name,
+               "task": cfg.task.name, "examples": len(examples), "epochs": args.epochs,
                "lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
                "last_loss": losses[-1] if losses else None,

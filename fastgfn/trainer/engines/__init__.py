@@ -11,7 +11,7 @@ from fastgfn.trainer.engines.base import Engine, lr_factor
 
 def uses_deepspeed(cfg) -> bool:
     """A DeepSpeed config was given, or the process was started by a distributed launcher."""
-    return cfg.deepspeed_config is not None or (
+    return cfg.run.deepspeed_config is not None or (
         "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
     )
 

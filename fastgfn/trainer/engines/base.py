@@ -48,19 +48,20 @@ class Engine(Protocol):
 def lr_factor(step: int, cfg) -> float:
     """Linear warm-up, then constant, or cosine or linear decay to ``lr_min_ratio`` at
     ``steps``."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+    if cfg.optimisation.warmup_steps > 0 and step < cfg.optimisation.warmup_steps:
+        return (step + 1) / cfg.optimisation.warmup_steps
+    if cfg.optimisation.lr_schedule == "constant":
         return 1.0
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    f = min(1.0, (step - cfg.warmup_steps) / span)
-    shape = 1 - f if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * f))
-    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * shape
+    span = max(1, cfg.optimisation.steps - cfg.optimisation.warmup_steps)
+    f = min(1.0, (step - cfg.optimisation.warmup_steps) / span)
+    shape = 1 - f if cfg.optimisation.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * f))
+    return cfg.optimisation.lr_min_ratio + (1 - cfg.optimisation.lr_min_ratio) * shape
 
 
 def adamw_with_schedule(params, cfg, fused: bool = False):
     """The policy's AdamW and its ``lr_factor`` schedule."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    opt = cfg.optimisation
+    optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay,
                                   **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     return optimizer, scheduler
@@ -70,11 +71,11 @@ def reapply_schedule(scheduler, cfg) -> None:
     """After loading a checkpoint whose learning rate, weight decay or schedule differ from
     ``cfg``: the optimizer's groups take ``cfg``'s values at the scheduler's current step
     (a loaded checkpoint otherwise brings its own back)."""
-    scheduler.base_lrs = [cfg.lr] * len(scheduler.optimizer.param_groups)
+    scheduler.base_lrs = [cfg.optimisation.lr] * len(scheduler.optimizer.param_groups)
     for group in scheduler.optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-        group["lr"] = cfg.lr * lr_factor(scheduler.last_epoch, cfg)
-        group["weight_decay"] = cfg.weight_decay
+        group["initial_lr"] = cfg.optimisation.lr
+        group["lr"] = cfg.optimisation.lr * lr_factor(scheduler.last_epoch, cfg)
+        group["weight_decay"] = cfg.optimisation.weight_decay
 
 
 ENGINE_META = "engine.json"

@@ -74,7 +74,7 @@ class DeepSpeedEngine:
     def backward(self, loss):
         self.engine.backward(loss)
         self._micro += 1
-        if self._micro < self.cfg.grad_accum:
+        if self._micro < self.cfg.optimisation.grad_accum:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-batch
 
     def step(self) -> tuple[float, bool]:

@@ -78,7 +78,8 @@ def _set_optimizer_params(ds: dict, cfg, path: str) -> None:
     if "optimizer" not in ds:
         return
     params = ds["optimizer"].setdefault("params", {})
-    for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay)):
+    opt = cfg.optimisation
+    for key, value in (("lr", opt.lr), ("weight_decay", opt.weight_decay)):
         if key in params and params[key] != value:
             warnings.warn(
                 f"deepspeed_config {path!r}: optimizer.params.{key}={params[key]!r} is replaced "
@@ -93,13 +94,13 @@ def load_ds_config(cfg) -> dict:
     with the micro-batch, accumulation, clipping and the optimizer's lr and weight decay
     taken from the fastgfn config."""
     ds = {"zero_optimization": {"stage": 0}}
-    path = cfg.deepspeed_config
+    path = cfg.run.deepspeed_config
     if path:
         ds = read_ds_file(path)
         check_ds_config(ds, path)
         _set_optimizer_params(ds, cfg, path)
     ds["train_micro_batch_size_per_gpu"] = 1
-    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["gradient_accumulation_steps"] = cfg.optimisation.grad_accum
     ds.pop("train_batch_size", None)
-    ds["gradient_clipping"] = cfg.grad_clip
+    ds["gradient_clipping"] = cfg.optimisation.grad_clip
     return ds

@@ -23,7 +23,7 @@ class TorchEngine:
     zero_stage = 0
 
     def __init__(self, model, cfg):
-        device = cfg.device
+        device = cfg.run.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.module = model.to(device)
@@ -33,13 +33,14 @@ class TorchEngine:
         self.optimizer, self.scheduler = adamw_with_schedule(params, cfg, fused=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.cfg.grad_accum).backward()
+        (loss / self.cfg.optimisation.grad_accum).backward()
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip, step (skipped on the device when the norm is not finite), schedule, zero.
         Returns ``(grad norm, skipped)`` as 0-d tensors on the device (read them later)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        clip = self.cfg.optimisation.grad_clip
+        clip = clip if clip > 0 else float("inf")
         if params:
             norm = torch.nn.utils.clip_grad_norm_(params, clip).detach()
         else:

@@ -1,13 +1,11 @@
 """The engine's tiny random Llama (``model=tiny``) with a Hugging Face tokenizer, for tools that
 need one (TRL calls ``tokenizer(text=...)``, ``batch_decode``, ``save_pretrained``): the same
-character vocabulary and ids as ``fastgfn.trainer.models.CharTokenizer``, built in memory
+character vocabulary and ids as ``fastgfn.trainer.model.loading.CharTokenizer``, built in memory
 (a ``tokenizers`` WordLevel model that splits every character), so nothing is downloaded."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-from fastgfn.trainer.models import CharTokenizer, build_tiny
+from fastgfn.trainer.model.loading import CharTokenizer, build_tiny
 
 
 def char_tokenizer_fast():
@@ -27,6 +25,8 @@ def char_tokenizer_fast():
 def tiny_causal_lm(hidden: int = 32, layers: int = 2, seed: int = 0, dtype: str = "float32"):
     """(model, tokenizer): the weights equal the engine's ``model=tiny`` with the same
     ``tiny_hidden``, ``tiny_layers`` and ``seed``."""
-    cfg = SimpleNamespace(tiny_hidden=hidden, tiny_layers=layers, seed=seed, dtype=dtype)
+    from fastgfn.trainer.config import Config
+
+    cfg = Config(model="tiny", tiny_hidden=hidden, tiny_layers=layers, seed=seed, dtype=dtype)
     model, _ = build_tiny(cfg, attn_implementation="sdpa")
     return model, char_tokenizer_fast()

@@ -53,7 +53,7 @@ from trl.trainer.utils import RepeatSampler, identity
 
 import fastgfn
 from fastgfn.lm_logprobs import causal_lm_gfn_logprobs
-from fastgfn.trainer.engines.distributed import all_ranks_agree, rank_seed
+from fastgfn.trainer.engines.distributed import rank_seed
 from fastgfn.trainer.integrations import trl_rewards
 from fastgfn.trainer.integrations.trl_config import (
     PREFIX_LOSSES,
@@ -61,10 +61,16 @@ from fastgfn.trainer.integrations.trl_config import (
     check_dataset,
     objective_config,
 )
-from fastgfn.trainer.models import disable_dropout, eval_mode
+from fastgfn.trainer.model.loading import disable_dropout, eval_mode
 from fastgfn.trainer.objective import Objective
 from fastgfn.trainer.replay import ReplayBuffer
-from fastgfn.trainer.sampling.sampler import draw_temperatures, sample
+from fastgfn.trainer.sampling.policy import (
+    PolicyActions,
+    choose_replay,
+    restricted_vocabulary,
+    sample_policy,
+)
+from fastgfn.trainer.sampling.sampler import draw_temperatures
 from fastgfn.trainer.tasks.base import termination_token
 
 __all__ = ["GFNConfig", "GFNTrainer", "SUPPORTED_TRL"]
@@ -239,21 +245,19 @@ class GFNTrainer(_BaseTrainer):
     def _group_rows(self, policy, prompt_ids, key, training) -> tuple[list[list[int]], bool]:
         """One group: replayed from the buffer, or sampled from the behaviour policy."""
         args, G = self.args, self.args.num_generations
-        use = training and self._py_rng.random() < args.replay_prob and self.buffer.size(key) > 0
-        if self.accelerator.num_processes > 1:  # sampling runs collectives, replay none
-            use = all_ranks_agree(use)
-        if use:
+        if training and choose_replay(self._py_rng, args.replay_prob, self.buffer.size(key) > 0,
+                                      self.accelerator.num_processes > 1):
             return self.buffer.sample(key, G, self._py_rng), True
         device = self.accelerator.device
         temps = draw_temperatures(G, prob=args.explore_prob if training else 0.0,
                                   low=args.explore_temp_low, high=args.explore_temp_high,
                                   generator=self._generator)
-        r = sample(policy, torch.tensor(prompt_ids, device=device), G,
-                   max_new_tokens=args.max_completion_length,
-                   min_new_tokens=args.min_completion_length,
-                   termination_token_id=self.termination_token_id, temperatures=temps,
-                   vocab_bias=self._vocab_bias(policy, G) if training else None,
-                   pad_token_id=self.pad_token_id, generator=self._generator)
+        r = sample_policy(policy, torch.tensor(prompt_ids, device=device), G,
+                          PolicyActions(self.termination_token_id, self.pad_token_id),
+                          max_new_tokens=args.max_completion_length,
+                          min_new_tokens=args.min_completion_length, temperatures=temps,
+                          vocab_bias=self._vocab_bias(policy, G) if training else None,
+                          generator=self._generator)
         return r.rows(), False
 
     def _vocab_bias(self, policy, G: int) -> torch.Tensor | None:
@@ -262,12 +266,9 @@ class GFNTrainer(_BaseTrainer):
         ids, prob = self.args.explore_vocab_ids, self.args.explore_vocab_prob
         if not ids or prob == 0:
             return None
-        device = self.accelerator.device
-        V = policy.config.get_text_config().vocab_size
-        mask = torch.full((V,), float("-inf"), device=device)
-        mask[torch.tensor([*ids, self.termination_token_id], device=device)] = 0.0
-        restricted = torch.rand(G, generator=self._generator, device=device) < prob
-        return torch.where(restricted[:, None], mask[None], torch.zeros(1, V, device=device))
+        return restricted_vocabulary(G, [*ids, self.termination_token_id], prob,
+                                     policy.config.get_text_config().vocab_size,
+                                     self._generator, self.accelerator.device)
 
     def _log_rewards(self, inputs: list[dict], rows: list[list[int]]) -> torch.Tensor:
         """``[B, T + 1]`` untempered log-rewards (every prefix for SubTB/DB, else the end)."""

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 from trl.trainer.base_config import _BaseConfig
 
-LOSSES = ("vargrad", "tb", "subtb", "db")
-PREFIX_LOSSES = ("subtb", "db")  # need the log-reward of every prefix
+from fastgfn.trainer.sections import LOSSES, PREFIX_LOSSES
 
 
 def _help(text: str) -> dict:
@@ -139,19 +137,22 @@ def check_dataset(name: str, dataset) -> None:
         raise ValueError(f"{name}: has no 'prompt' column (columns: {dataset.column_names})")
 
 
-def objective_config(args: GFNConfig, dataset) -> SimpleNamespace:
-    """The engine ``Objective``'s keys, from the TRL config and the training prompts. With
+def objective_config(args: GFNConfig, dataset):
+    """The engine's config with the objective and sampling sections the ``Objective`` reads,
+    from the TRL config and the training prompts. With
     several distinct prompts SubTB/DB take s0's flow from the policy itself, as the engine does
     (no log Z; states shorter than the minimum length get the floor reward); with one prompt,
     and for TB, one learned scalar log Z (right for one prompt, or prompts with similar
     normalisers)."""
     several = len({repr(row["prompt"]) for row in dataset}) > 1
-    return SimpleNamespace(
+    from fastgfn.trainer.config import Config
+
+    return Config(
         loss=args.loss, subtb_lambda=args.subtb_lambda, log_z_init=args.log_z_init,
         log_z_lr=args.log_z_lr, log_z_auto_init=args.log_z_auto_init,
         min_new_tokens=args.min_completion_length, max_new_tokens=args.max_completion_length,
         reward_temperature=args.reward_temperature,
         reward_temperature_end=args.reward_temperature_end,
         reward_temperature_steps=args.reward_temperature_steps, dead_ends=False,
-        initial_flow="policy" if args.loss in ("subtb", "db") and several else "global_log_z",
+        initial_flow="policy" if args.loss in PREFIX_LOSSES and several else "global_log_z",
         min_length_log_reward=-99.0)

@@ -14,7 +14,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from fastgfn.trainer.kv_cache import cache_kwarg, expand_cache, output_cache, select_cache_rows
+from fastgfn.trainer.model.kv_cache import (
+    cache_kwarg,
+    expand_cache,
+    output_cache,
+    select_cache_rows,
+)
 from fastgfn.trainer.sampling.attention import packed_decode_attention
 
 

@@ -19,7 +19,7 @@ import types
 
 import torch
 
-from fastgfn.trainer.machine import native_bf16_matmuls
+from fastgfn.trainer.reporting.machine import native_bf16_matmuls
 
 _PACKED = "_fastgfn_packed_weight"
 

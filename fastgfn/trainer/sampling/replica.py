@@ -8,7 +8,7 @@ import copy
 
 import torch
 
-from fastgfn.trainer.machine import native_bf16_matmuls
+from fastgfn.trainer.reporting.machine import native_bf16_matmuls
 from fastgfn.trainer.sampling.decoding import Decoder, TransformersDecoder
 
 
@@ -24,20 +24,22 @@ def resolve_sample_dtype(requested: str, model, zero_stage: int) -> str:
     return "model"
 
 
-def build_replica(engine, cfg) -> SamplingReplica | None:
-    """The run's sampling replica, or None when it samples with the policy itself."""
-    sample_dtype = resolve_sample_dtype(cfg.sample_dtype, engine.module, engine.zero_stage)
+def build_replica(engine, sampling) -> SamplingReplica | None:
+    """The run's sampling replica (from its ``sampling`` section), or None when it samples
+    with the policy itself."""
+    sample_dtype = resolve_sample_dtype(sampling.sample_dtype, engine.module, engine.zero_stage)
     if sample_dtype == "model":
-        if cfg.compile_sampler:
+        if sampling.compile_sampler:
             raise ValueError(
                 "compile_sampler: needs a sampling replica (sample_dtype=bfloat16, float16 or "
-                f"float32); sample_dtype={cfg.sample_dtype!r} samples with the policy itself"
+                f"float32); sample_dtype={sampling.sample_dtype!r} samples with the policy itself"
             )
         return None
     if engine.zero_stage == 3:
         raise ValueError("sample_dtype: a sampling replica needs whole weights, not ZeRO-3")
-    return SamplingReplica(engine.module, getattr(torch, sample_dtype), compile=cfg.compile_sampler,
-                           batch_hint=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    return SamplingReplica(engine.module, getattr(torch, sample_dtype),
+                           compile=sampling.compile_sampler, batch_hint=sampling.batch_size,
+                           max_new_tokens=sampling.max_new_tokens)
 
 
 # Shortest rollout for which a prepacked transformers replica is chosen by default: each sync

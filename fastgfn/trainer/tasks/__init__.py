@@ -27,11 +27,11 @@ def task_class(name: str) -> type[Task]:
 
 
 def build_task(cfg, tokenizer, reward=None) -> Task:
-    """The task of ``cfg.task`` with the run's tool (``cfg.tool``); ``reward`` is the frozen
-    ``RewardLM`` of tasks that need one."""
+    """The task of ``cfg.task.name`` with the run's tool (``cfg.task.tool``); ``reward`` is
+    the frozen ``RewardLM`` of tasks that need one."""
     from fastgfn.trainer.tools import build_tool
 
-    task = task_class(cfg.task).from_config(cfg, tokenizer, reward)
+    task = task_class(cfg.task.name).from_config(cfg, tokenizer, reward)
     task.set_tool(build_tool(cfg, tokenizer))
     return task
 

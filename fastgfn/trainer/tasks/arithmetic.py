@@ -29,19 +29,25 @@ logits and, with ``illegal_token_bias_in_policy`` (the default), on the policy's
 vocabulary constraint (its ``vocab_alpha`` of -99 on tokens outside that set).
 
 Accuracy: ``final_answer`` reads the number after the last "=" of a rationale (the last
-result); ``python -m fastgfn.trainer.arithmetic_eval`` is the evaluation, and the trainer's
+result); ``python -m fastgfn.trainer.evaluation.arithmetic`` is the evaluation, and the trainer's
 before/after table gets the greedy accuracy on the first ``eval_questions`` questions of
 ``eval_data_path`` (default: the training questions) from ``policy_metrics``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastgfn.trainer.errors import ConfigError
-from fastgfn.trainer.tasks.reasoning import LatentReasoningTask, _read_items, load_examples
+from fastgfn.trainer.tasks.reasoning import (
+    LatentReasoningTask,
+    ReasoningOptions,
+    _read_items,
+    load_examples,
+)
 from fastgfn.trainer.tools.calculator import complete_rationale, evaluate
 
 ARITHMETIC_CHARS = frozenset(" 0123456789+-=,")
@@ -110,36 +116,58 @@ def sft_pairs(cfg, tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
     from fastgfn.trainer.tools.calculator import result_text, step_expression
 
     def results(ids, text):
-        value = evaluate(step_expression(text) or "", max_operands=cfg.tool_max_operands,
-                         max_digits=cfg.tool_max_digits)
+        value = evaluate(step_expression(text) or "", max_operands=cfg.task.tool_max_operands,
+                         max_digits=cfg.task.tool_max_digits)
         return [] if value is None else tokenizer.encode(result_text(value),
                                                          add_special_tokens=False)
 
-    questions, _ = load_examples(cfg.data_path, cfg.question_key, cfg.answer_key)
-    items = _read_items(Path(cfg.data_path), "data_path")
-    prefix = ArithmeticTask._fewshot(cfg) if cfg.fewshot_in_policy else ""
-    term = tokenizer.encode(cfg.termination, add_special_tokens=False)
+    questions, _ = load_examples(cfg.task.data_path, cfg.task.question_key, cfg.task.answer_key)
+    items = _read_items(Path(cfg.task.data_path), "data_path")
+    prefix = ArithmeticTask._fewshot(cfg) if cfg.task.fewshot_in_policy else ""
+    term = tokenizer.encode(cfg.task.termination, add_special_tokens=False)
     out = []
     for i, (q, x) in enumerate(zip(questions, items)):
-        if cfg.rationale_key not in x:
-            raise ConfigError(f"data_path: item {i} has no field {cfg.rationale_key!r} "
+        if cfg.task.rationale_key not in x:
+            raise ConfigError(f"data_path: item {i} has no field {cfg.task.rationale_key!r} "
                               "(rationale_key), which SFT needs")
-        prompt = tokenizer.encode(prefix + cfg.prompt_template.format(question=q),
+        prompt = tokenizer.encode(prefix + cfg.task.prompt_template.format(question=q),
                                   add_special_tokens=False)
-        ids, mask = encode_worked(tokenizer, str(x[cfg.rationale_key]), results)
+        ids, mask = encode_worked(tokenizer, str(x[cfg.task.rationale_key]), results)
         out.append((prompt, ids + term, [int(m) for m in mask] + [1] * len(term)))
     return out
 
 
 def worked_rationales(cfg) -> list[str | None]:
     """Per training problem, its worked rationale (``rationale_key``), None where absent."""
-    items = _read_items(Path(cfg.data_path), "data_path")
-    return [str(x[cfg.rationale_key]) if isinstance(x, dict) and x.get(cfg.rationale_key)
+    items = _read_items(Path(cfg.task.data_path), "data_path")
+    return [str(x[cfg.task.rationale_key]) if isinstance(x, dict) and x.get(cfg.task.rationale_key)
             else None for x in items]
+
+
+@dataclass
+class ArithmeticOptions(ReasoningOptions):
+    rationale_key: str = "str_rationale"  # the worked rationale of the few-shot examples (the
+    #   data's format "6 - 0 =, 6 - 4 =", tool results filled in)
+    fewshot_examples: int = 3  # examples in the reward LM's few-shot prompt
+    fewshot_path: str | None = None  # where they come from (default: data_path)
+    fewshot_in_policy: bool = False  # the policy's prompt has the few-shot prefix too (the
+    #   paper's policy sees the question only; its reward LM sees the examples)
+
+    def check(self) -> None:
+        super().check()
+        if self.wrong_answer_log_penalty > 0:
+            raise ConfigError("wrong_answer_log_penalty: for the reasoning task's label sets, "
+                              "not task 'arithmetic'")
+        if self.fewshot_examples < 0:
+            raise ConfigError(f"fewshot_examples: must be >= 0, got {self.fewshot_examples}")
 
 
 class ArithmeticTask(LatentReasoningTask):
     name = "arithmetic"
+    Options = ArithmeticOptions
+    description = ("write a rationale of calculator steps z for an arithmetic question X "
+                   "that ends in its answer Y, sampled in proportion to p(z | X) p(Y | X z) "
+                   "under the frozen reward LM with few-shot examples (section 4.4)")
 
     def __init__(self, tokenizer, questions, answers, reward, *, fewshot: str = "",
                  fewshot_in_policy: bool = False, eval_questions: list[str] | None = None,
@@ -162,33 +190,40 @@ class ArithmeticTask(LatentReasoningTask):
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
-        if cfg.fewshot_examples < 0:
-            raise ConfigError(f"fewshot_examples: must be >= 0, got {cfg.fewshot_examples}")
         cls._fewshot(cfg)  # read now: errors name the file before any model loads
 
     @staticmethod
     def _fewshot(cfg) -> str:
-        return load_fewshot(cfg.fewshot_path or cfg.data_path, cfg.question_key,
-                            cfg.answer_key, cfg.rationale_key, cfg.fewshot_examples,
-                            cfg.answer_template, cfg.termination)
+        return load_fewshot(cfg.task.fewshot_path or cfg.task.data_path, cfg.task.question_key,
+                            cfg.task.answer_key, cfg.task.rationale_key, cfg.task.fewshot_examples,
+                            cfg.task.answer_template, cfg.task.termination)
+
+    def answer_task(self, cfg, tokenizer, reward):
+        return None  # its accuracy on numbers is in policy_metrics
+
+    @classmethod
+    def sft_pairs(cls, cfg, tokenizer):
+        return sft_pairs(cfg, tokenizer)
 
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None, choices=None):
-        questions, answers = load_examples(cfg.data_path, cfg.question_key, cfg.answer_key)
+        opts = cfg.task
+        questions, answers = load_examples(opts.data_path, opts.question_key, opts.answer_key)
         eval_q = eval_a = None
-        if cfg.eval_data_path:
-            eval_q, eval_a = load_examples(cfg.eval_data_path, cfg.question_key,
-                                           cfg.answer_key, "eval_data_path")
+        if cfg.task.eval_data_path:
+            eval_q, eval_a = load_examples(cfg.task.eval_data_path, cfg.task.question_key,
+                                           cfg.task.answer_key, "eval_data_path")
         return cls(
             tokenizer, questions, answers, reward,
-            fewshot=cls._fewshot(cfg), fewshot_in_policy=cfg.fewshot_in_policy,
+            fewshot=cls._fewshot(cfg), fewshot_in_policy=cfg.task.fewshot_in_policy,
             eval_questions=eval_q, eval_answers=eval_a,
-            eval_max_new_tokens=cfg.max_new_tokens, eval_count=cfg.eval_questions,
+            eval_max_new_tokens=cfg.sampling.max_new_tokens,
+            eval_count=cfg.evaluation.eval_questions,
             worked=worked_rationales(cfg),
-            prompt_template=cfg.prompt_template, answer_template=cfg.answer_template,
-            termination=cfg.termination, use_fused=cfg.use_fused_logprobs,
-            illegal_token_bias=cfg.illegal_token_bias,
-            bias_in_policy=cfg.illegal_token_bias_in_policy,
+            prompt_template=cfg.task.prompt_template, answer_template=cfg.task.answer_template,
+            termination=cfg.task.termination, use_fused=cfg.objective.use_fused_logprobs,
+            illegal_token_bias=cfg.task.illegal_token_bias,
+            bias_in_policy=cfg.task.illegal_token_bias_in_policy,
         )
 
     # prompts ------------------------------------------------------------------------------
@@ -255,18 +290,14 @@ class ArithmeticTask(LatentReasoningTask):
                max_new_tokens: int, min_new_tokens: int, generator=None, param_context=None):
         """Rationales of the policy ``model`` for one prompt, one row per temperature (0:
         greedy), with the tool and the policy's logit bias: ``(rollout, texts, answers)``."""
-        from fastgfn.trainer.sampling.sampler import sample
+        from fastgfn.trainer.sampling.policy import PolicyActions, sample_policy
 
         device = next(model.parameters()).device
-        bias = self.policy_logit_bias()
-        r = sample(
-            model, prompt_ids.to(device), temperatures.numel(),
+        r = sample_policy(
+            model, prompt_ids.to(device), temperatures.numel(), PolicyActions.of(self, device),
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-            termination_token_id=self.termination_token_id,
-            temperatures=temperatures.to(device),
-            logit_bias=None if bias is None else bias.to(device),
-            pad_token_id=self.pad_token_id, generator=generator, param_context=param_context,
-            tool=self.tool(),
+            temperatures=temperatures.to(device), generator=generator,
+            param_context=param_context,
         )
         texts = [self.text(row) for row in r.rows()]
         return r, texts, [final_answer(t) for t in texts]
@@ -281,7 +312,7 @@ class ArithmeticTask(LatentReasoningTask):
     def policy_metrics(self, engine, min_new_tokens: int) -> dict:
         """Greedy exact-match accuracy (tool active) on the first ``eval_questions``
         questions of ``eval_data_path`` (default: the training questions); {} when 0."""
-        from fastgfn.trainer.models import eval_mode
+        from fastgfn.trainer.model.loading import eval_mode
 
         count = min(self.eval_count, len(self.eval_questions))
         if count <= 0:

@@ -21,11 +21,15 @@ from __future__ import annotations
 import torch
 
 from fastgfn.trainer.errors import ConfigError
-from fastgfn.trainer.models import pad_token_id
+from fastgfn.trainer.model.loading import pad_token_id
+from fastgfn.trainer.tasks.options import TaskOptions
 
 
 class Task:
     name = ""
+    Options = TaskOptions  # the task's section of the config: its keys and their checks
+    description = ""  # what the task trains the model to do, for the model card; filled in
+    #   with the config's flat keys (``{task_low}``)
     needs_reward_model = False  # scored by a frozen reward LM (the ``reward_model`` key)
     termination_token_id: int
     tokenizer = None
@@ -37,6 +41,13 @@ class Task:
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None) -> Task:
         raise NotImplementedError
+
+    @classmethod
+    def sft_pairs(cls, cfg, tokenizer) -> list[tuple] | None:
+        """The SFT baseline's examples (``python -m fastgfn.trainer.baselines.sft``): per
+        training example ``(prompt, completion, loss mask or None)``, as token ids or text; None
+        when the task has no supervised targets."""
+        return None
 
     # prompts and rewards ------------------------------------------------------------------
     def num_prompts(self) -> int:
@@ -96,6 +107,12 @@ class Task:
         """Per prompt, a known good continuation as the sampler would produce it, ``(token
         ids without the termination token, action mask)`` (None for a prompt without one),
         or None when the task has none. ``replay_seed`` starts the buffer with them."""
+        return None
+
+    def answer_task(self, cfg, tokenizer, reward) -> Task | None:
+        """The questions the evaluation scores for answer accuracy (``evaluation.answer_accuracy``:
+        a task with ``choices``, ``answers`` and ``choice_log_likelihoods``), or None when the
+        task has none."""
         return None
 
     def policy_metrics(self, engine, min_new_tokens: int) -> dict:

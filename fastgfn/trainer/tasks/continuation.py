@@ -22,22 +22,24 @@ breaks and digits instead of a sentence.
 Held-out prompts: ``from_config`` trains on a fixed part of the prompts file only;
 ``split_prompts`` holds out ``heldout_fraction`` of them (the paper's code holds out 5%),
 chosen by ``heldout_seed`` alone (never the run's ``seed``), so every run and the evaluation
-command (``fastgfn.trainer.continuation_eval``) agree on which prompts training never sees.
+command (``fastgfn.trainer.evaluation.continuation``) agree on which prompts training never sees.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastgfn.lm_logprobs import gfn_logprobs_from_hidden
 from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.model.reward import RewardLM
 from fastgfn.trainer.replay import ReplayBuffer
-from fastgfn.trainer.reward_model import RewardLM
 from fastgfn.trainer.scoring import hidden_states, prefix_log_likelihoods
 from fastgfn.trainer.tasks.base import Task, termination_token
+from fastgfn.trainer.tasks.options import RewardLMOptions, check_heldout_fraction
 
 
 def read_prompts(path) -> list[str]:
@@ -72,12 +74,28 @@ def split_prompts(prompts: list[str], fraction: float, seed: int = 0):
 
 
 def heldout_prompts(cfg) -> list[str]:
-    """The prompts of ``cfg.data_path`` that training with ``cfg`` never sees."""
-    return split_prompts(read_prompts(cfg.data_path), cfg.heldout_fraction, cfg.heldout_seed)[1]
+    """The prompts of ``cfg.task.data_path`` that training with ``cfg`` never sees."""
+    opts = cfg.task
+    return split_prompts(read_prompts(opts.data_path), opts.heldout_fraction, opts.heldout_seed)[1]
+
+
+@dataclass
+class ContinuationOptions(RewardLMOptions):
+    heldout_fraction: float = 0.05  # prompts held out of training (the paper's code trains on
+    #   95%), for `python -m fastgfn.trainer.evaluation.continuation`
+    heldout_seed: int = 0  # the split's own seed (not `seed`); < 0: the last prompts of the
+    #   file, as the paper's code splits
+
+    def check(self) -> None:
+        super().check()
+        check_heldout_fraction(self.heldout_fraction)
 
 
 class ContinuationTask(Task):
     name = "continuation"
+    Options = ContinuationOptions
+    description = ("continue a prompt with a sentence, sampled in proportion to the frozen "
+                   "reward LM's likelihood raised to 1 / T (section 4.1)")
     needs_reward_model = True
 
     def __init__(
@@ -109,23 +127,25 @@ class ContinuationTask(Task):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if not cfg.data_path:
+        if not cfg.task.data_path:
             raise ConfigError("data_path: the continuation task needs a prompts file")
-        if not Path(cfg.data_path).is_file():
-            raise ConfigError(f"data_path: no such prompts file {cfg.data_path!r}")
-        if not read_prompts(cfg.data_path):
-            raise ConfigError(f"data_path: the prompts file {cfg.data_path!r} holds no prompts")
+        if not Path(cfg.task.data_path).is_file():
+            raise ConfigError(f"data_path: no such prompts file {cfg.task.data_path!r}")
+        if not read_prompts(cfg.task.data_path):
+            raise ConfigError(f"data_path: the prompts file {cfg.task.data_path!r} holds no "
+                              "prompts")
 
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None):
-        prompts = read_prompts(cfg.data_path)
+        prompts = read_prompts(cfg.task.data_path)
         try:
-            prompts, _ = split_prompts(prompts, cfg.heldout_fraction, cfg.heldout_seed)
+            prompts, _ = split_prompts(prompts, cfg.task.heldout_fraction, cfg.task.heldout_seed)
         except ValueError as exc:
-            raise ConfigError(f"{exc} ({cfg.data_path!r})") from exc
-        return cls(tokenizer, prompts, reward, termination=cfg.termination,
-                   use_fused=cfg.use_fused_logprobs, illegal_token_bias=cfg.illegal_token_bias,
-                   bias_in_policy=cfg.illegal_token_bias_in_policy)
+            raise ConfigError(f"{exc} ({cfg.task.data_path!r})") from exc
+        return cls(tokenizer, prompts, reward, termination=cfg.task.termination,
+                   use_fused=cfg.objective.use_fused_logprobs,
+                   illegal_token_bias=cfg.task.illegal_token_bias,
+                   bias_in_policy=cfg.task.illegal_token_bias_in_policy)
 
     @property
     def reward_model(self) -> torch.nn.Module:
@@ -252,22 +272,16 @@ class ContinuationTask(Task):
         samples (temperature 1, no exploration; with ``policy_logit_bias``) and their log-rewards
         (``log_rewards``, not tempered): ``(log_rewards [n], rows)``. An evaluation aid: below
         reward temperature 1, training should raise the mean."""
-        from fastgfn.trainer.models import eval_mode
-        from fastgfn.trainer.sampling.sampler import sample
+        from fastgfn.trainer.model.loading import eval_mode
+        from fastgfn.trainer.sampling.policy import PolicyActions, sample_policy
 
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
         with eval_mode(model):
-            r = sample(
-                model,
-                self.prompt_tokens(prompt_index).to(next(model.parameters()).device),
-                n,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
-                termination_token_id=self.termination_token_id,
-                logit_bias=self.policy_logit_bias(),
-                pad_token_id=self.pad_token_id,
-                generator=generator,
+            r = sample_policy(
+                model, self.prompt_tokens(prompt_index).to(next(model.parameters()).device), n,
+                PolicyActions.of(self), max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens, generator=generator,
             )
         rows = r.rows()
         lr = self.log_rewards(prompt_index, rows, r.tokens.shape[1])

@@ -32,23 +32,40 @@ objects). ``story_columns`` names the sentence columns in story order (ROCStorie
 so X is sentences 1-3 and Y sentence 5); it may be neither the first nor the last. Rows are
 split into training and held-out stories by ``heldout_fraction`` / ``heldout_seed`` as the
 continuation prompts are (``continuation.split_prompts``); training sees only its part and
-``python -m fastgfn.trainer.infilling_eval`` evaluates on the held-out part.
+``python -m fastgfn.trainer.evaluation.infilling`` evaluates on the held-out part.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastgfn.trainer.errors import ConfigError
 from fastgfn.trainer.tasks.continuation import split_prompts
+from fastgfn.trainer.tasks.options import RewardLMOptions, check_heldout_fraction
 from fastgfn.trainer.tasks.reasoning import LatentReasoningTask, _read_items
 
 DEFAULT_PROMPT = "Beginning: {beginning}\nEnding: {ending}\nMiddle:"
 _END_PUNCTUATION = ".!?"
+
+
+@dataclass
+class InfillingOptions(RewardLMOptions):
+    story_columns: list[str] = field(default_factory=lambda: [
+        f"sentence{i}" for i in range(1, 6)])  # the story's sentence columns in order
+    #   (ROCStories' sentence1..sentence5; a comma list or a YAML list)
+    infill_column: str = "sentence4"  # the missing middle; before it X, after it Y
+    prompt_template: str = DEFAULT_PROMPT  # the policy's prompt from {beginning} and {ending}
+    heldout_fraction: float = 0.05  # stories held out of training, for
+    #   `python -m fastgfn.trainer.evaluation.infilling`
+    heldout_seed: int = 0  # the split's own seed (not `seed`)
+
+    def check(self) -> None:
+        super().check()
+        check_heldout_fraction(self.heldout_fraction)
 
 
 @dataclass(frozen=True)
@@ -133,11 +150,11 @@ def check_prompt_template(template: str) -> None:
 
 def config_stories(cfg, heldout: bool = False) -> list[Story]:
     """The training stories of ``cfg`` (or, with ``heldout``, the held-out ones)."""
-    stories = read_stories(cfg.data_path, cfg.story_columns, cfg.infill_column)
+    stories = read_stories(cfg.task.data_path, cfg.task.story_columns, cfg.task.infill_column)
     try:
-        train, held = split_stories(stories, cfg.heldout_fraction, cfg.heldout_seed)
+        train, held = split_stories(stories, cfg.task.heldout_fraction, cfg.task.heldout_seed)
     except ValueError as exc:
-        raise ConfigError(f"{exc} ({cfg.data_path!r})") from None
+        raise ConfigError(f"{exc} ({cfg.task.data_path!r})") from None
     return held if heldout else train
 
 
@@ -155,12 +172,16 @@ def infill_prompt(story: Story, template: str = DEFAULT_PROMPT) -> str:
 def sft_pairs(cfg, tokenizer=None) -> list[tuple[str, str, None]]:
     """The SFT baseline's training data: ``(policy prompt, reference middle + termination,
     no loss mask)`` for each training story of ``cfg`` (``baselines/sft.py``)."""
-    return [(infill_prompt(s, cfg.prompt_template), reference_middle(s, cfg.termination)
-             + cfg.termination, None) for s in config_stories(cfg)]
+    return [(infill_prompt(s, cfg.task.prompt_template), reference_middle(s, cfg.task.termination)
+             + cfg.task.termination, None) for s in config_stories(cfg)]
 
 
 class StoryInfillingTask(LatentReasoningTask):
     name = "infilling"
+    Options = InfillingOptions
+    description = ("fill in the missing middle sentence z of a story given its beginning X and "
+                   "ending Y, sampled in proportion to p(z | X) p(Y | X z) under the frozen "
+                   "reward LM (section 4.2)")
 
     def __init__(self, tokenizer, stories: list[Story], reward, *,
                  prompt_template: str = DEFAULT_PROMPT, **kwargs):
@@ -175,16 +196,23 @@ class StoryInfillingTask(LatentReasoningTask):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if not cfg.data_path:
+        if not cfg.task.data_path:
             raise ConfigError("data_path: the infilling task needs a .csv or .jsonl story file")
-        check_prompt_template(cfg.prompt_template)
+        check_prompt_template(cfg.task.prompt_template)
         config_stories(cfg)  # read now, before any model loads: errors name the file and row
+
+    def answer_task(self, cfg, tokenizer, reward):
+        return None  # its answers (the endings) are free text, not a label set
+
+    @classmethod
+    def sft_pairs(cls, cfg, tokenizer):
+        return sft_pairs(cfg, tokenizer)
 
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None, choices=None):
-        return cls(tokenizer, config_stories(cfg), reward, prompt_template=cfg.prompt_template,
-                   termination=cfg.termination, use_fused=cfg.use_fused_logprobs,
-                   illegal_token_bias=cfg.illegal_token_bias)
+        return cls(tokenizer, config_stories(cfg), reward, prompt_template=cfg.task.prompt_template,
+                   termination=cfg.task.termination, use_fused=cfg.objective.use_fused_logprobs,
+                   illegal_token_bias=cfg.task.illegal_token_bias)
 
     def reward_prompt_tokens(self, index: int) -> torch.Tensor:
         """X, the story's beginning as plain text (the reward LM never sees the template)."""

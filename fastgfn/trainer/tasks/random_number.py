@@ -13,17 +13,39 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
+from fastgfn.trainer.errors import ConfigError
 from fastgfn.trainer.tasks.base import Task, termination_token
+from fastgfn.trainer.tasks.options import TaskOptions
 
 PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
 _CANONICAL = re.compile(r"0|[1-9][0-9]*")
 
 
+@dataclass
+class RandomNumberOptions(TaskOptions):
+    prompt: str | None = None  # the prompt (default: PROMPT)
+    task_low: int = 0  # the valid integers: task_low..task_high
+    task_high: int = 100
+    invalid_log_reward: float = -20.0  # log R of a continuation that is not one of them
+
+    FINITE = ("invalid_log_reward",)
+
+    def check(self) -> None:
+        super().check()
+        if self.task_low > self.task_high:
+            raise ConfigError(f"task_low: must be <= task_high ({self.task_high}), got "
+                              f"{self.task_low}")
+
+
 class RandomNumberTask(Task):
     name = "random_number"
+    Options = RandomNumberOptions
+    description = ("sample an integer uniformly from [{task_low}, {task_high}] after the "
+                   "prompt (Hu et al. 2024, section 2)")
 
     def __init__(
         self,
@@ -49,11 +71,11 @@ class RandomNumberTask(Task):
     def from_config(cls, cfg, tokenizer, reward=None):
         return cls(
             tokenizer,
-            prompt=cfg.prompt or PROMPT,
-            termination=cfg.termination,
-            low=cfg.task_low,
-            high=cfg.task_high,
-            invalid_log_reward=cfg.invalid_log_reward,
+            prompt=cfg.task.prompt or PROMPT,
+            termination=cfg.task.termination,
+            low=cfg.task.task_low,
+            high=cfg.task.task_high,
+            invalid_log_reward=cfg.task.invalid_log_reward,
         )
 
     # prompts --------------------------------------------------------------------------
@@ -137,7 +159,7 @@ class RandomNumberTask(Task):
         """The exact probability the policy gives each valid value, from one teacher-forced
         pass over all of them: the total valid mass and KL(policy restricted to the valid
         values || uniform)."""
-        from fastgfn.trainer.models import eval_mode
+        from fastgfn.trainer.model.loading import eval_mode
         from fastgfn.trainer.replay import ReplayBuffer
         from fastgfn.trainer.scoring import gfn_logprobs
 

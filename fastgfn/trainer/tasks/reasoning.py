@@ -31,15 +31,17 @@ Data: a ``.json`` file holding a list of objects or a ``.jsonl`` file of one obj
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastgfn.lm_logprobs import lm_head_logprobs
 from fastgfn.trainer.errors import ConfigError
-from fastgfn.trainer.kv_cache import cache_kwarg, select_cache_rows
+from fastgfn.trainer.model.kv_cache import cache_kwarg, select_cache_rows
 from fastgfn.trainer.scoring import hidden_states
 from fastgfn.trainer.tasks.continuation import ContinuationTask
+from fastgfn.trainer.tasks.options import RewardLMOptions
 
 
 def load_examples(path: str | Path, question_key: str, answer_key: str,
@@ -92,8 +94,31 @@ def check_templates(prompt_template: str, answer_template: str) -> None:
         raise ConfigError(f"answer_template: must contain {{answer}}, got {answer_template!r}")
 
 
+# Answer accuracy scores every distinct answer after every rationale: a classification label
+# set, not free-form answers such as the arithmetic task's numbers.
+MAX_ANSWER_CHOICES = 32
+
+
+@dataclass
+class ReasoningOptions(RewardLMOptions):
+    question_key: str = "question"  # the data's question and answer fields
+    answer_key: str = "answer"
+    prompt_template: str = "{question}"  # the prompt X before the rationale
+    answer_template: str = " The answer is {answer}."  # Y, scored after X z STOP
+    wrong_answer_log_penalty: float = 0.0  # subtracted from log R(prefix) when the reward LM
+    #   finds another choice likelier than the answer after it (the paper's SUBJ: 50)
+    eval_data_path: str | None = None  # questions for the answer accuracy (default: the
+    #   training questions)
+
+    NON_NEGATIVE = ("wrong_answer_log_penalty",)
+
+
 class LatentReasoningTask(ContinuationTask):
     name = "reasoning"
+    Options = ReasoningOptions
+    description = ("sample a latent rationale z in proportion to the posterior "
+                   "p(z | X) p(Y | X z) of rationales that explain the known answer Y "
+                   "(sections 4.3-4.4)")
 
     def __init__(
         self,
@@ -129,33 +154,53 @@ class LatentReasoningTask(ContinuationTask):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if not cfg.data_path:
+        if not cfg.task.data_path:
             raise ConfigError("data_path: the reasoning task needs a .json or .jsonl data file")
-        check_templates(cfg.prompt_template, cfg.answer_template)
+        check_templates(cfg.task.prompt_template, cfg.task.answer_template)
         for key in ("data_path", "eval_data_path"):
-            path = getattr(cfg, key)
+            path = getattr(cfg.task, key)
             if path and not Path(path).is_file():
                 raise ConfigError(f"{key}: no such data file {path!r}")
             if path:  # read now, before any model loads: errors name the file and line
-                load_examples(path, cfg.question_key, cfg.answer_key, key)
+                load_examples(path, cfg.task.question_key, cfg.task.answer_key, key)
 
     @classmethod
     def from_config(cls, cfg, tokenizer, reward=None, choices=None):
-        questions, answers = load_examples(cfg.data_path, cfg.question_key, cfg.answer_key)
+        opts = cfg.task
+        questions, answers = load_examples(opts.data_path, opts.question_key, opts.answer_key)
         return cls(
             tokenizer,
             questions,
             answers,
             reward,
-            prompt_template=cfg.prompt_template,
-            answer_template=cfg.answer_template,
+            prompt_template=cfg.task.prompt_template,
+            answer_template=cfg.task.answer_template,
             choices=choices,
-            termination=cfg.termination,
-            use_fused=cfg.use_fused_logprobs,
-            illegal_token_bias=cfg.illegal_token_bias,
-            bias_in_policy=cfg.illegal_token_bias_in_policy,
-            wrong_answer_log_penalty=cfg.wrong_answer_log_penalty,
+            termination=cfg.task.termination,
+            use_fused=cfg.objective.use_fused_logprobs,
+            illegal_token_bias=cfg.task.illegal_token_bias,
+            bias_in_policy=cfg.task.illegal_token_bias_in_policy,
+            wrong_answer_log_penalty=cfg.task.wrong_answer_log_penalty,
         )
+
+    def answer_task(self, cfg, tokenizer, reward):
+        """The questions scored for answer accuracy (``eval_data_path``, else the training
+        questions), or None when the run has no accuracy evaluation. The choices are every
+        answer seen in either set, at most ``MAX_ANSWER_CHOICES``."""
+        ev = cfg.evaluation
+        if ev.eval_rationales <= 0 or ev.eval_samples <= 0:
+            return None
+        task, answers, path = self, set(self.answers), cfg.task.eval_data_path
+        if path:
+            answers |= set(load_examples(path, cfg.task.question_key, cfg.task.answer_key)[1])
+            task = LatentReasoningTask.from_config(cfg.replace(data_path=path), tokenizer,
+                                                   reward, sorted(answers))
+            task.set_tool(self.tool())
+        if len(answers) > MAX_ANSWER_CHOICES:
+            raise ValueError(
+                f"eval_rationales: answer accuracy scores every distinct answer and needs at "
+                f"most {MAX_ANSWER_CHOICES}, found {len(answers)}; set eval_rationales=0")
+        return task
 
     def reward_prompt_tokens(self, index: int) -> torch.Tensor:
         """The context X the reward LM scores the rationale and the answer after: the

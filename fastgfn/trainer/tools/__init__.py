@@ -68,15 +68,15 @@ TOOLS = ("none", "calculator")
 
 
 def build_tool(cfg, tokenizer) -> Tool | None:
-    """The run's tool (``cfg.tool``), or None."""
-    if cfg.tool == "none":
+    """The run's tool (``cfg.task.tool``), or None."""
+    if cfg.task.tool == "none":
         return None
-    if cfg.tool == "calculator":
+    if cfg.task.tool == "calculator":
         from fastgfn.trainer.tools.calculator import CalculatorTool
 
-        return CalculatorTool(tokenizer, max_operands=cfg.tool_max_operands,
-                              max_digits=cfg.tool_max_digits)
-    raise ValueError(f"tool: must be one of {TOOLS}, got {cfg.tool!r}")
+        return CalculatorTool(tokenizer, max_operands=cfg.task.tool_max_operands,
+                              max_digits=cfg.task.tool_max_digits)
+    raise ValueError(f"tool: must be one of {TOOLS}, got {cfg.task.tool!r}")
 
 
 __all__ = ["TOOLS", "Tool", "build_tool", "token_budget"]

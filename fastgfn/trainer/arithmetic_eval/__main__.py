@@ -1,3 +1,0 @@
-from fastgfn.trainer.arithmetic_eval.cli import main
-
-main()

@@ -1,3 +1,0 @@
-from fastgfn.trainer.continuation_eval.cli import main
-
-main()

@@ -1,0 +1,3 @@
+from fastgfn.trainer.evaluation.arithmetic.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from fastgfn.trainer.evaluation.continuation.cli import main
+
+main()

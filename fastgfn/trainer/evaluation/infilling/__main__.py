@@ -1,0 +1,3 @@
+from fastgfn.trainer.evaluation.infilling.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from fastgfn.trainer.evaluation.reasoning.cli import main
+
+main()

@@ -1,3 +1,0 @@
-from fastgfn.trainer.infilling_eval.cli import main
-
-main()

@@ -1,3 +1,0 @@
-from fastgfn.trainer.label_eval.cli import main
-
-main()
