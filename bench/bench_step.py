@@ -169,6 +169,7 @@ def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=Non
     """One fastgfn step; ``phases`` (a dict of lists), when given, receives each phase's
     (wall, CPU) seconds (clock reads only, no synchronisation added)."""
     import fastgfn
+    from fastgfn.trainer.model.precision import autocast
     from fastgfn.trainer.sampling.sampler import sample
     from fastgfn.trainer.scoring import frozen_prefix_logrewards, gfn_logprobs
 
@@ -181,8 +182,7 @@ def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=Non
             phases.setdefault(name, []).append((wall, cpu))
 
     policy.eval()
-    precision = (torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in options
-                 else contextlib.nullcontext())
+    precision = autocast("bf16" if "bf16" in options else "no", "cpu")
     with precision:  # the backward runs outside, as in the engine
         behaviour = policy if replica is None else replica.sync(policy)  # sync is timed too
         lap("sync")

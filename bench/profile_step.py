@@ -21,7 +21,6 @@ runs the forward under ``torch.autocast(bfloat16)`` as the engine does.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import sys
@@ -131,6 +130,7 @@ def main():
     for key in ("reps", "batch", "tokens", "threads", "top"):
         if getattr(args, key) < 1:
             ap.error(f"--{key} must be >= 1, got {getattr(args, key)}")
+    from fastgfn.trainer.model.precision import autocast
     from fastgfn.trainer.reporting.machine import describe_machine, machine_line
 
     torch.set_num_threads(args.threads)
@@ -138,9 +138,7 @@ def main():
     print("machine:", machine_line(machine), flush=True)
 
     def precision():
-        if args.mixed_precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(args.mixed_precision, "cpu")
 
     state = setup(args)
     one_pass(*state, precision)  # warm-up

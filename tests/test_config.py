@@ -122,11 +122,11 @@ def test_lr_schedules():
     for name, mid in (("constant", 1.0), ("cosine", 0.55), ("linear", 0.55)):
         cfg = load_config(None, ["model=tiny", "steps=110", "warmup_steps=10",
                                  f"lr_schedule={name}", "lr_min_ratio=0.1"])
-        assert lr_factor(0, cfg) == pytest.approx(0.1)
-        assert lr_factor(9, cfg) == pytest.approx(1.0)
-        assert lr_factor(10, cfg) == pytest.approx(1.0)
-        assert lr_factor(60, cfg) == pytest.approx(mid)
-        assert lr_factor(110, cfg) == pytest.approx(1.0 if name == "constant" else 0.1)
+        assert lr_factor(0, cfg.optimisation) == pytest.approx(0.1)
+        assert lr_factor(9, cfg.optimisation) == pytest.approx(1.0)
+        assert lr_factor(10, cfg.optimisation) == pytest.approx(1.0)
+        assert lr_factor(60, cfg.optimisation) == pytest.approx(mid)
+        assert lr_factor(110, cfg.optimisation) == pytest.approx(1.0 if name == "constant" else 0.1)
     linear = load_config(None, ["model=tiny", "steps=110", "warmup_steps=10",
                                 "lr_schedule=linear", "lr_min_ratio=0"])
-    assert lr_factor(35, linear) == pytest.approx(0.75)
+    assert lr_factor(35, linear.optimisation) == pytest.approx(0.75)

@@ -21,7 +21,8 @@ from fastgfn.trainer.evaluation.continuation.methods import (
     cut_at_termination,
     run_method,
 )
-from fastgfn.trainer.tasks.continuation import ContinuationTask, heldout_prompts, split_prompts
+from fastgfn.trainer.tasks.continuation import ContinuationTask, heldout_prompts
+from fastgfn.trainer.tasks.data import split_prompts
 
 from .test_continuation import _tiny_lm, brute_force_log_reward
 

@@ -11,7 +11,8 @@ import torch
 
 import fastgfn
 from fastgfn.trainer import ConfigError, load_config
-from fastgfn.trainer.tasks.reasoning import LatentReasoningTask, load_examples
+from fastgfn.trainer.tasks.data import load_examples
+from fastgfn.trainer.tasks.reasoning import LatentReasoningTask
 
 from .test_continuation import _exact_distributions, _kl, _tiny_lm, brute_force_log_reward
 

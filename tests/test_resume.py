@@ -75,7 +75,7 @@ def test_allowed_changes_are_applied_and_recorded(run6, tmp_path, capsys):  # no
     from fastgfn.trainer.engines import lr_factor
 
     group = tr.engine.optimizer.param_groups[0]
-    assert group["lr"] == pytest.approx(0.01 * lr_factor(4, tr.cfg))
+    assert group["lr"] == pytest.approx(0.01 * lr_factor(4, tr.cfg.optimisation))
     assert group["weight_decay"] == 0.1
     assert tr.buffer.capacity == 2 and all(len(v) <= 2 for v in tr.buffer.entries.values())
     tr.cfg.run.resume = False

@@ -86,7 +86,8 @@ class Trainer:
 
     def _micro_step(self) -> dict:
         cfg, task, dev = self.cfg, self.task, self.engine.device
-        with autocast(cfg, dev):  # mixed_precision (precision.py); the backward runs outside
+        # mixed_precision (model/precision.py); the backward runs outside
+        with autocast(cfg.model.mixed_precision, dev):
             batch = self.batches.next_batch()  # final: cut at its dead ends
             dead = batch.dead
             # untempered; with a tool, at the states only (actions count, tool tokens do not)

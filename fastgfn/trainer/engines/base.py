@@ -45,17 +45,17 @@ class Engine(Protocol):
     def load(self, directory: Path) -> None: ...
 
 
-def lr_factor(step: int, cfg) -> float:
+def lr_factor(step: int, opt) -> float:
     """Linear warm-up, then constant, or cosine or linear decay to ``lr_min_ratio`` at
-    ``steps``."""
-    if cfg.optimisation.warmup_steps > 0 and step < cfg.optimisation.warmup_steps:
-        return (step + 1) / cfg.optimisation.warmup_steps
-    if cfg.optimisation.lr_schedule == "constant":
+    ``steps`` (``opt``: the run's optimisation section)."""
+    if opt.warmup_steps > 0 and step < opt.warmup_steps:
+        return (step + 1) / opt.warmup_steps
+    if opt.lr_schedule == "constant":
         return 1.0
-    span = max(1, cfg.optimisation.steps - cfg.optimisation.warmup_steps)
-    f = min(1.0, (step - cfg.optimisation.warmup_steps) / span)
-    shape = 1 - f if cfg.optimisation.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * f))
-    return cfg.optimisation.lr_min_ratio + (1 - cfg.optimisation.lr_min_ratio) * shape
+    span = max(1, opt.steps - opt.warmup_steps)
+    f = min(1.0, (step - opt.warmup_steps) / span)
+    shape = 1 - f if opt.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * f))
+    return opt.lr_min_ratio + (1 - opt.lr_min_ratio) * shape
 
 
 def adamw_with_schedule(params, cfg, fused: bool = False):
@@ -63,7 +63,7 @@ def adamw_with_schedule(params, cfg, fused: bool = False):
     opt = cfg.optimisation
     optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay,
                                   **({"fused": True} if fused else {}))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opt))
     return optimizer, scheduler
 
 
@@ -71,11 +71,12 @@ def reapply_schedule(scheduler, cfg) -> None:
     """After loading a checkpoint whose learning rate, weight decay or schedule differ from
     ``cfg``: the optimizer's groups take ``cfg``'s values at the scheduler's current step
     (a loaded checkpoint otherwise brings its own back)."""
-    scheduler.base_lrs = [cfg.optimisation.lr] * len(scheduler.optimizer.param_groups)
+    opt = cfg.optimisation
+    scheduler.base_lrs = [opt.lr] * len(scheduler.optimizer.param_groups)
     for group in scheduler.optimizer.param_groups:
-        group["initial_lr"] = cfg.optimisation.lr
-        group["lr"] = cfg.optimisation.lr * lr_factor(scheduler.last_epoch, cfg)
-        group["weight_decay"] = cfg.optimisation.weight_decay
+        group["initial_lr"] = opt.lr
+        group["lr"] = opt.lr * lr_factor(scheduler.last_epoch, opt)
+        group["weight_decay"] = opt.weight_decay
 
 
 ENGINE_META = "engine.json"

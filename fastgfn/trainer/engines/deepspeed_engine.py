@@ -57,7 +57,8 @@ class DeepSpeedEngine:
             optimizer = None
 
             def scheduler(opt):
-                return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+                schedule = cfg.optimisation
+                return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, schedule))
         else:
             # stage 0 steps this optimizer itself: fused, so a step can be skipped (found_inf)
             optimizer, scheduler = adamw_with_schedule(

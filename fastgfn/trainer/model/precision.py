@@ -19,10 +19,10 @@ import torch
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16}
 
 
-def autocast(cfg, device: torch.device):
-    """The context a training micro-step runs in: autocast to the ``mixed_precision`` dtype,
-    or nothing (``mixed_precision: no``)."""
-    dtype = MIXED_PRECISION_DTYPES.get(cfg.model.mixed_precision)
+def autocast(mixed_precision: str, device: torch.device):
+    """The context a training micro-step runs in: autocast to the dtype of
+    ``mixed_precision`` (the model section's key), or nothing (``"no"``)."""
+    dtype = MIXED_PRECISION_DTYPES.get(mixed_precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -42,11 +42,10 @@ from pathlib import Path
 import torch
 
 from fastgfn.trainer.errors import ConfigError
+from fastgfn.trainer.tasks.data import load_examples, read_items
 from fastgfn.trainer.tasks.reasoning import (
     LatentReasoningTask,
     ReasoningOptions,
-    _read_items,
-    load_examples,
 )
 from fastgfn.trainer.tools.calculator import complete_rationale, evaluate
 
@@ -71,7 +70,7 @@ def load_fewshot(path, question_key: str, answer_key: str, rationale_key: str, k
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{key}: no such data file {str(path)!r}")
-    items = _read_items(path, key)
+    items = read_items(path, key)
     if not isinstance(items, list) or len(items) < k:
         raise ConfigError(f"fewshot_examples: {str(path)!r} holds fewer than {k} examples")
     lines = []
@@ -122,7 +121,7 @@ def sft_pairs(cfg, tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
                                                          add_special_tokens=False)
 
     questions, _ = load_examples(cfg.task.data_path, cfg.task.question_key, cfg.task.answer_key)
-    items = _read_items(Path(cfg.task.data_path), "data_path")
+    items = read_items(Path(cfg.task.data_path), "data_path")
     prefix = ArithmeticTask._fewshot(cfg) if cfg.task.fewshot_in_policy else ""
     term = tokenizer.encode(cfg.task.termination, add_special_tokens=False)
     out = []
@@ -139,7 +138,7 @@ def sft_pairs(cfg, tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
 
 def worked_rationales(cfg) -> list[str | None]:
     """Per training problem, its worked rationale (``rationale_key``), None where absent."""
-    items = _read_items(Path(cfg.task.data_path), "data_path")
+    items = read_items(Path(cfg.task.data_path), "data_path")
     return [str(x[cfg.task.rationale_key]) if isinstance(x, dict) and x.get(cfg.task.rationale_key)
             else None for x in items]
 

@@ -20,14 +20,13 @@ model rarely sees a word (words carry their leading space), and it continued wit
 breaks and digits instead of a sentence.
 
 Held-out prompts: ``from_config`` trains on a fixed part of the prompts file only;
-``split_prompts`` holds out ``heldout_fraction`` of them (the paper's code holds out 5%),
+``data.split_prompts`` holds out ``heldout_fraction`` of them (the paper's code holds out 5%),
 chosen by ``heldout_seed`` alone (never the run's ``seed``), so every run and the evaluation
 command (``fastgfn.trainer.evaluation.continuation``) agree on which prompts training never sees.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,38 +38,8 @@ from fastgfn.trainer.model.reward import RewardLM
 from fastgfn.trainer.replay import ReplayBuffer
 from fastgfn.trainer.scoring import hidden_states, prefix_log_likelihoods
 from fastgfn.trainer.tasks.base import Task, termination_token
+from fastgfn.trainer.tasks.data import read_prompts, split_prompts
 from fastgfn.trainer.tasks.options import RewardLMOptions, check_heldout_fraction
-
-
-def read_prompts(path) -> list[str]:
-    """The non-empty lines of a prompts file (a ``ConfigError`` naming it if unreadable)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"data_path: cannot read the prompts file {str(path)!r} ({exc})"
-                          ) from None
-    return [x.strip() for x in text.splitlines() if x.strip()]
-
-
-def split_prompts(prompts: list[str], fraction: float, seed: int = 0):
-    """``(train, heldout)``: ``round(fraction * len(prompts))`` prompts held out, the rest for
-    training, each list in file order. The held-out ones are a random subset drawn with
-    ``random.Random(seed)`` (the same on every machine and Python version); a negative
-    ``seed`` holds out the last prompts of the file, as the paper's code does."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"heldout_fraction: must be in [0, 1), got {fraction!r}")
-    n = len(prompts)
-    k = round(fraction * n)
-    if k >= n > 0:
-        raise ValueError(
-            f"heldout_fraction: {fraction} holds out all {n} prompts; nothing is left to train on"
-        )
-    if seed < 0:
-        held = set(range(n - k, n))
-    else:
-        held = set(random.Random(seed).sample(range(n), k))
-    train = [p for i, p in enumerate(prompts) if i not in held]
-    return train, [p for i, p in enumerate(prompts) if i in held]
 
 
 def heldout_prompts(cfg) -> list[str]:

@@ -31,22 +31,21 @@ objects). ``story_columns`` names the sentence columns in story order (ROCStorie
 ``sentence1,...,sentence5``) and ``infill_column`` the missing one (the paper: ``sentence4``,
 so X is sentences 1-3 and Y sentence 5); it may be neither the first nor the last. Rows are
 split into training and held-out stories by ``heldout_fraction`` / ``heldout_seed`` as the
-continuation prompts are (``continuation.split_prompts``); training sees only its part and
+continuation prompts are (``data.split_prompts``); training sees only its part and
 ``python -m fastgfn.trainer.evaluation.infilling`` evaluates on the held-out part.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastgfn.trainer.errors import ConfigError
-from fastgfn.trainer.tasks.continuation import split_prompts
+from fastgfn.trainer.tasks.data import read_rows, split_prompts
 from fastgfn.trainer.tasks.options import RewardLMOptions, check_heldout_fraction
-from fastgfn.trainer.tasks.reasoning import LatentReasoningTask, _read_items
+from fastgfn.trainer.tasks.reasoning import LatentReasoningTask
 
 DEFAULT_PROMPT = "Beginning: {beginning}\nEnding: {ending}\nMiddle:"
 _END_PUNCTUATION = ".!?"
@@ -85,22 +84,6 @@ def parse_columns(value) -> list[str]:
     return cols
 
 
-def _read_rows(path: Path, key: str) -> list[dict]:
-    if path.suffix == ".csv":
-        try:
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise ConfigError(f"{key}: cannot read {str(path)!r} ({exc})") from None
-        return rows
-    if path.suffix in (".jsonl", ".json"):
-        items = _read_items(path, key)
-        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-            raise ConfigError(f"{key}: {str(path)!r} must hold a list of objects (or JSON lines)")
-        return items
-    raise ConfigError(f"{key}: {str(path)!r} must be a .csv, .jsonl or .json file of stories")
-
-
 def read_stories(path, columns, infill_column: str, key: str = "data_path") -> list[Story]:
     """The stories of a CSV/JSONL/JSON file, split around ``infill_column``; a ``ConfigError``
     naming the key, the file, the row and the column for anything unusable."""
@@ -110,7 +93,7 @@ def read_stories(path, columns, infill_column: str, key: str = "data_path") -> l
                           f"and the last ({', '.join(columns[1:-1])}), got {infill_column!r}")
     if not path.is_file():
         raise ConfigError(f"{key}: no such story file {str(path)!r}")
-    rows = _read_rows(path, key)
+    rows = read_rows(path, key)
     if not rows:
         raise ConfigError(f"{key}: {str(path)!r} holds no stories")
     missing = [c for c in columns if c not in rows[0]]

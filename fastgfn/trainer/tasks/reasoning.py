@@ -30,7 +30,6 @@ Data: a ``.json`` file holding a list of objects or a ``.jsonl`` file of one obj
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,49 +40,8 @@ from fastgfn.trainer.errors import ConfigError
 from fastgfn.trainer.model.kv_cache import cache_kwarg, select_cache_rows
 from fastgfn.trainer.scoring import hidden_states
 from fastgfn.trainer.tasks.continuation import ContinuationTask
+from fastgfn.trainer.tasks.data import load_examples
 from fastgfn.trainer.tasks.options import RewardLMOptions
-
-
-def load_examples(path: str | Path, question_key: str, answer_key: str,
-                  key: str = "data_path"):
-    """``(questions, answers)`` as strings from a ``.json`` list or a ``.jsonl`` file; a
-    ``ConfigError`` naming ``key``, the file and the line for anything it cannot use."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}: no such data file {str(path)!r}")
-    items = _read_items(path, key)
-    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-        raise ConfigError(f"{key}: {str(path)!r} must hold a list of objects (or JSON lines)")
-    if not items:
-        raise ConfigError(f"{key}: {str(path)!r} holds no examples")
-    for k, name in ((question_key, "question_key"), (answer_key, "answer_key")):
-        missing = [i for i, x in enumerate(items) if k not in x]
-        if missing:
-            raise ConfigError(
-                f"{name}: field {k!r} is missing from item {missing[0]} of {str(path)!r}"
-            )
-    return [str(x[question_key]) for x in items], [str(x[answer_key]) for x in items]
-
-
-def _read_items(path: Path, key: str):
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{key}: cannot read {str(path)!r} ({exc})") from None
-    lines = enumerate(text.splitlines(), 1) if path.suffix == ".jsonl" else [(1, text)]
-    items = []
-    for n, line in lines:
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{key}: {str(path)!r} line {n + exc.lineno - 1}, column "
-                              f"{exc.colno}: invalid JSON ({exc.msg})") from None
-        if path.suffix != ".jsonl":
-            return item
-        items.append(item)
-    return items
 
 
 def check_templates(prompt_template: str, answer_template: str) -> None:

@@ -130,7 +130,7 @@ def methods(args, cfg, base):
 
 
 def load_examples_file(path: Path, cfg, limit: int):
-    from fastgfn.trainer.tasks.reasoning import load_examples
+    from fastgfn.trainer.tasks.data import load_examples
 
     opts = cfg.task
     questions, answers = load_examples(path, opts.question_key, opts.answer_key, "--test")

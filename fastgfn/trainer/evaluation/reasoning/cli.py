@@ -96,7 +96,8 @@ class LabelData:
 
     def __init__(self, cfg, tokenizer, train_path, test_path, limit: int):
         from fastgfn.trainer.tasks.base import termination_token
-        from fastgfn.trainer.tasks.reasoning import check_templates, load_examples
+        from fastgfn.trainer.tasks.data import load_examples
+        from fastgfn.trainer.tasks.reasoning import check_templates
 
         check_templates(cfg.task.prompt_template, cfg.task.answer_template)
         self.cfg, self.tokenizer = cfg, tokenizer
