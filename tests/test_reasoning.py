@@ -302,7 +302,6 @@ def test_answer_accuracy(lm, tmp_path):
     zero-shot: the empty rationale, its scores equal to a float64 brute force. Only the first
     eval_questions questions count."""
     from fastgfn.trainer.engines.torch_engine import TorchEngine
-    from fastgfn.trainer.evaluation.in_training import answer_accuracy
 
     model, tok = lm
     data = tmp_path / "data.jsonl"
@@ -322,7 +321,7 @@ def test_answer_accuracy(lm, tmp_path):
         return out
 
     task.choice_log_likelihoods = spy
-    got = answer_accuracy(engine, task, cfg, torch.Generator().manual_seed(0))
+    got = task.answer_accuracy(engine, cfg, torch.Generator().manual_seed(0))
     assert [c[0] for c in calls] == [0, 1, 2]  # question 3 is not scored
     correct = {"greedy": 0, "majority": 0, "mean": 0, "zero": 0}
     term = task.termination_token_id

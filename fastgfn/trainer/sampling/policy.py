@@ -64,6 +64,20 @@ def sample_policy(model, prompt_ids: torch.Tensor, n: int, actions: PolicyAction
     )
 
 
+def policy_samples(engine, task, prompt_index: int, n: int, sampling, generator,
+                   temperature: float = 1.0) -> Rollout:
+    """``n`` continuations of prompt ``prompt_index`` from the policy as it is (no exploration,
+    no vocabulary restriction; the task's ``policy_logit_bias`` is part of the policy), at
+    ``temperature`` (0: greedy), within the length limits of ``sampling`` (the run's
+    sampling section)."""
+    return sample_policy(
+        engine.module, task.prompt_tokens(prompt_index).to(engine.device), n,
+        PolicyActions.of(task, engine.device),
+        max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+        temperatures=temperature, generator=generator,
+    )
+
+
 # the behaviour policy's exploration, shared by the rollout and the TRL trainer -------------
 def restricted_vocabulary(n: int, allowed: list[int], prob: float, vocab_size: int,
                           generator: torch.Generator, device) -> torch.Tensor:

@@ -110,9 +110,9 @@ class Task:
         return None
 
     def answer_task(self, cfg, tokenizer, reward) -> Task | None:
-        """The questions the evaluation scores for answer accuracy (``evaluation.answer_accuracy``:
-        a task with ``choices``, ``answers`` and ``choice_log_likelihoods``), or None when the
-        task has none."""
+        """The questions the evaluation scores for answer accuracy (a task with
+        ``answer_accuracy(engine, cfg, generator)``: the reasoning task's), or None when the task
+        has none."""
         return None
 
     def policy_metrics(self, engine, min_new_tokens: int) -> dict:

@@ -30,6 +30,7 @@ Data: a ``.json`` file holding a list of objects or a ``.jsonl`` file of one obj
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def check_templates(prompt_template: str, answer_template: str) -> None:
         raise ConfigError(f"prompt_template: must contain {{question}}, got {prompt_template!r}")
     if "{answer}" not in answer_template:
         raise ConfigError(f"answer_template: must contain {{answer}}, got {answer_template!r}")
+
+
+def majority_vote(predictions: torch.Tensor, n_choices: int) -> torch.Tensor:
+    """The most frequent choice in each row of ``predictions [n, k]`` (choice indices); ties
+    go to the choice listed first."""
+    counts = torch.stack([(predictions == c).sum(1) for c in range(n_choices)], 1)
+    return counts.argmax(1)
 
 
 # Answer accuracy scores every distinct answer after every rationale: a classification label
@@ -159,6 +167,70 @@ class LatentReasoningTask(ContinuationTask):
                 f"eval_rationales: answer accuracy scores every distinct answer and needs at "
                 f"most {MAX_ANSWER_CHOICES}, found {len(answers)}; set eval_rationales=0")
         return task
+
+    @torch.no_grad()
+    def answer_accuracy(self, engine, cfg, generator) -> dict:
+        """On the first ``eval_questions`` questions (0: all). For each, the reward LM scores
+        every choice c after a rationale z, ``log p(Y_c | X z STOP)``, and a rationale's
+        prediction is its likeliest choice. Four accuracies (the paper's evaluation and two
+        more):
+
+        - greedy: the prediction after one rationale decoded greedily from the policy;
+        - majority: the most frequent prediction over ``eval_rationales`` rationales sampled
+          at temperature 1 (ties go to the choice listed first);
+        - mean probability: the choice with the largest mean over those rationales of
+          ``p(c | X z) = p(Y_c | X z STOP) / sum_c' p(Y_c' | X z STOP)``;
+        - zero-shot: the prediction after the empty rationale (``X STOP Y_c``).
+
+        Questions are split over the ranks, each rank taking the same number (ZeRO-3: the
+        same calls), and the counts are summed."""
+        from fastgfn.trainer.engines.distributed import rank, world_size
+        from fastgfn.trainer.model.loading import eval_mode
+
+        asked = cfg.evaluation.eval_questions
+        n = self.num_prompts() if asked <= 0 else min(asked, self.num_prompts())
+        per_rank = math.ceil(n / world_size())
+        counts = torch.zeros(5, dtype=torch.float64)  # questions, greedy, majority, mean, zero
+        with eval_mode(engine.module):
+            for j in range(per_rank):
+                i = rank() * per_rank + j
+                real = i < n
+                i = i % n  # padding: a repeat that is not counted
+                correct = self._question_predictions(engine, cfg, i, generator)
+                if real:
+                    counts += torch.tensor([1.0, *correct], dtype=torch.float64)
+        if world_size() > 1:
+            counts = counts.to(engine.device)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        total = max(1.0, float(counts[0]))
+        return {
+            "answer_questions": int(counts[0]),
+            "answer_accuracy_greedy": float(counts[1]) / total,
+            "answer_accuracy_majority": float(counts[2]) / total,
+            "answer_accuracy": float(counts[3]) / total,
+            "zero_shot_accuracy": float(counts[4]) / total,
+        }
+
+    def _question_predictions(self, engine, cfg, i: int, generator) -> list[bool]:
+        """Whether the greedy, majority, mean-probability and zero-shot predictions of
+        question ``i`` are its answer (one scoring call for all rationales)."""
+        from fastgfn.trainer.sampling.policy import policy_samples
+
+        choices = self.choices
+        with engine.param_context():
+            sampled = policy_samples(engine, self, i, cfg.evaluation.eval_rationales,
+                                     cfg.sampling, generator).rows()
+            greedy = policy_samples(engine, self, i, 1, cfg.sampling, generator,
+                                    temperature=0.0).rows()
+        ll = self.choice_log_likelihoods(i, sampled + greedy + [[]], choices)  # [R + 2, C]
+        preds = [
+            int(ll[len(sampled)].argmax()),  # greedy
+            int(majority_vote(ll[: len(sampled)].argmax(1)[None], len(choices))[0]),  # majority
+            int(ll[: len(sampled)].log_softmax(1).exp().mean(0).argmax()),  # mean probability
+            int(ll[-1].argmax()),  # zero-shot
+        ]
+        return [choices[p] == self.answers[i] for p in preds]
 
     def reward_prompt_tokens(self, index: int) -> torch.Tensor:
         """The context X the reward LM scores the rationale and the answer after: the

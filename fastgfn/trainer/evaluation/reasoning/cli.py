@@ -25,9 +25,9 @@ The methods:
 
 Rationale methods are evaluated greedily (one rationale at temperature 0; the paper: 0.01)
 and by majority vote over ``--k`` rationales at temperature 1 (ties: the first choice, as
-``evaluation.answer_accuracy``). Writes ``results.json`` (settings, machine, accuracies,
-wall times, the classifiers' losses, every greedy prediction) and ``tables.md`` into
-``--out``.
+``LatentReasoningTask.answer_accuracy``). Writes ``results.json`` (settings, machine,
+accuracies, wall times, the classifiers' losses, every greedy prediction) and ``tables.md``
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def draw_rationales(policy, data: LabelData, question: str, temperatures: list[f
 def vote(scores: torch.Tensor, k: int, n_choices: int) -> torch.Tensor:
     """Majority predictions of ``[n * k, C]`` scores, question by question (ties: the first
     choice)."""
-    from fastgfn.trainer.evaluation.in_training import majority_vote
+    from fastgfn.trainer.tasks.reasoning import majority_vote
 
     return majority_vote(scores.argmax(1).view(-1, k), n_choices)
 
