@@ -4,7 +4,7 @@ Prompts: one per line of a text file (the paper's OpenWebText prompts). The poli
 continuation that ends with the termination token (default "."); the reward of every prefix
 is the frozen reward LM's likelihood of that prefix followed by the termination token,
 ``log R(s_t STOP) = log p_LM(s_t STOP | X)`` (divided by the reward temperature by the
-trainer). The reward LM is a frozen ``reward_model.RewardLM``: by default the initial policy
+trainer). The reward LM is a frozen ``model.reward.RewardLM``: by default the initial policy
 (a frozen copy, or with LoRA the same model with its adapters disabled).
 
 Illegal tokens (as in the paper, which adds -50 to their logits): special tokens (EOS, chat
@@ -32,11 +32,9 @@ from pathlib import Path
 
 import torch
 
-from fastgfn.lm_logprobs import gfn_logprobs_from_hidden
 from fastgfn.trainer.errors import ConfigError
 from fastgfn.trainer.model.reward import RewardLM
 from fastgfn.trainer.replay import ReplayBuffer
-from fastgfn.trainer.scoring import hidden_states, prefix_log_likelihoods
 from fastgfn.trainer.tasks.base import Task, termination_token
 from fastgfn.trainer.tasks.data import read_prompts, split_prompts
 from fastgfn.trainer.tasks.options import RewardLMOptions, check_heldout_fraction
@@ -193,11 +191,10 @@ class ContinuationTask(Task):
         reward temperature; the trainer does that). Entries past a row's length are computed
         on padding and must be masked by the loss."""
         self._check_rows(prompt_index, rows, T)
-        tokens = self._padded_rows(rows, T)
-        with self.reward.frozen() as (model, dev):
-            tokens = tokens.to(dev)
-            h = hidden_states(model, self.prompt_tokens(prompt_index).to(dev), tokens)
-            return self._prefix_log_rewards(model, h, tokens, T)
+        prefix, _ = self.reward.score(self.prompt_tokens(prompt_index),
+                                      self._padded_rows(rows, T), self.termination_token_id,
+                                      T=T, prefix_bias=self.vocab_bias(), fused=self.use_fused)
+        return prefix
 
     def _padded_rows(self, rows: list[list[int]], T: int) -> torch.Tensor:
         """``rows`` right-padded to ``[len(rows), max(T, 1)]``: at least one column (causal:
@@ -211,20 +208,6 @@ class ContinuationTask(Task):
                 [tokens, tokens.new_full((len(rows), width - tokens.shape[1]), pad)], 1
             )
         return tokens[:, :width]
-
-    def _prefix_log_rewards(self, model, h, tokens, T: int) -> torch.Tensor:
-        """``log p_LM(z_1..z_t STOP | X)`` (float32 on the CPU, ``[B, T + 1]``) from the reward
-        LM's hidden states ``h`` at the states of ``tokens`` (illegal tokens biased)."""
-        bias = self.vocab_bias()
-        log_pf, log_pterm = gfn_logprobs_from_hidden(
-            model,
-            h,
-            tokens,
-            self.termination_token_id,
-            vocab_bias=None if bias is None else bias.to(h.device),
-            fused=self.use_fused,
-        )
-        return prefix_log_likelihoods(log_pf, log_pterm)[:, : T + 1].float().cpu()
 
     @torch.no_grad()
     def sample_log_rewards(

@@ -18,6 +18,8 @@ the 1 + |Y| tokens STOP Y run, at positions |X| + t onwards, for all (row, prefi
 one batch. The answer tokens' log-probs come through the fused lm_head op at the |Y| states
 that predict them, so no [*, V] logits exist. The decoder calls (prompt, rationales,
 suffixes) are the same whatever the data, so every ZeRO-3 rank makes the same calls.
+The pass itself is the frozen LM's (``model.reward.RewardLM.score``, composed into the task);
+the task says what to score: which context, which prefixes, which answers.
 
 Illegal tokens in the rationale are handled as in the continuation task (``illegal_token_bias``
 on the reward LM's rationale logits, restricted exploration through ``allowed_token_ids``); the
@@ -36,10 +38,7 @@ from pathlib import Path
 
 import torch
 
-from fastgfn.lm_logprobs import lm_head_logprobs
 from fastgfn.trainer.errors import ConfigError
-from fastgfn.trainer.model.kv_cache import cache_kwarg, select_cache_rows
-from fastgfn.trainer.scoring import hidden_states
 from fastgfn.trainer.tasks.continuation import ContinuationTask
 from fastgfn.trainer.tasks.data import load_examples
 from fastgfn.trainer.tasks.options import RewardLMOptions
@@ -298,15 +297,12 @@ class LatentReasoningTask(ContinuationTask):
         else:
             options = [self.answer_tokens(prompt_index)]
         out = torch.zeros(len(rows), T + 1)
-        with self.reward.frozen() as (model, dev):
-            tokens = self._padded_rows(rows, T).to(dev)
-            h, cache = hidden_states(model, self.reward_prompt_tokens(prompt_index).to(dev),
-                                     tokens, return_cache=True)
-            if with_rationale:
-                out += self._prefix_log_rewards(model, h, tokens, T)
-            ll = self._suffix_log_likelihood(model, cache, tokens,
-                                             [p for p in pairs for _ in options],
-                                             options * len(pairs)).view(len(pairs), len(options))
+        prefix, ll = self._score(prompt_index, rows, T,
+                                 ([p for p in pairs for _ in options], options * len(pairs)),
+                                 with_prefix=with_rationale)
+        if with_rationale:
+            out += prefix
+        ll = ll.view(len(pairs), len(options))
         if penalise:  # another choice strictly likelier than the answer: the paper's penalty
             others = torch.cat([ll[:, :right], ll[:, right + 1:]], 1)
             wrong = others.max(1).values > ll[:, right]
@@ -325,48 +321,15 @@ class LatentReasoningTask(ContinuationTask):
         self._check_rows(prompt_index, rows, T)
         ids = self.choice_tokens(choices)
         pairs = [(b, len(row)) for b, row in enumerate(rows) for _ in choices]
-        with self.reward.frozen() as (model, dev):
-            tokens = self._padded_rows(rows, T).to(dev)
-            _, cache = hidden_states(model, self.reward_prompt_tokens(prompt_index).to(dev),
-                                     tokens, return_cache=True)
-            ll = self._suffix_log_likelihood(model, cache, tokens, pairs, ids * len(rows))
+        _, ll = self._score(prompt_index, rows, T, (pairs, ids * len(rows)), with_prefix=False)
         return ll.view(len(rows), len(choices))
 
-    def _suffix_log_likelihood(self, model, cache, tokens, pairs, answers) -> torch.Tensor:
-        """For each pair ``(b, t)`` with its answer ids ``Y`` (``answers[i]``, lengths may
-        differ): ``log p_LM(Y | X z_1..z_t STOP)``, float32 ``[len(pairs)]`` on the CPU, from
-        ``cache``, the reward LM's KV cache of X ``tokens[b]`` (``tokens``: the padded
-        rationales, ``[B, width]``); the cache is consumed."""
-        dev, n, width = tokens.device, len(pairs), tokens.shape[1]
-        pad = self.pad_token_id
-        b_idx = torch.tensor([b for b, _ in pairs], dtype=torch.long)
-        prefix = torch.tensor([t for _, t in pairs], dtype=torch.long)
-        A = max(a.numel() for a in answers)
-        # STOP Y, right-padded (causal: padding after Y changes nothing before it)
-        suffix = torch.full((n, 1 + A), pad)
-        suffix[:, 0] = self.termination_token_id
-        lengths = torch.tensor([a.numel() for a in answers])
-        for i, a in enumerate(answers):
-            suffix[i, 1 : 1 + a.numel()] = a
-        # one copy of its row's cache per pair, cut to X z_1..z_t by the attention mask
-        # (cache positions P + t .. P + width - 1 hidden)
-        select_cache_rows(cache, b_idx.to(dev))
-        L = cache.get_seq_length()  # P + width
-        P = L - width
-        cols = torch.arange(L + 1 + A)
-        visible = (cols[None] < P + prefix[:, None]) | (cols[None] >= L)
-        positions = P + prefix[:, None] + torch.arange(1 + A)  # right after z_1..z_t
-        # STOP Y after each prefix: the state after STOP Y_<k predicts Y_k
-        h = model.get_decoder()(
-            input_ids=suffix.to(dev),
-            attention_mask=visible.to(dev, torch.long),
-            position_ids=positions.to(dev),
-            use_cache=True,
-            **{cache_kwarg(model): cache},
-        ).last_hidden_state[:, :A]
-        logp = lm_head_logprobs(
-            model, h.reshape(-1, h.shape[-1]), suffix[:, 1:].reshape(-1).to(dev), [],
-            fused=self.use_fused,
-        ).logp
-        inside = torch.arange(A)[None] < lengths[:, None]
-        return torch.where(inside, logp.float().cpu().view(n, A), 0.0).sum(1)
+    def _score(self, prompt_index, rows, T, answers, with_prefix: bool):
+        """The frozen reward LM's ``score`` of X ``rows``: the prefix rewards (with
+        ``with_prefix``, the illegal tokens biased) and the answer terms of ``answers``."""
+        return self.reward.score(self.reward_prompt_tokens(prompt_index),
+                                 self._padded_rows(rows, T), self.termination_token_id,
+                                 T=T if with_prefix else None,
+                                 prefix_bias=self.vocab_bias() if with_prefix else None,
+                                 answers=answers, pad_token_id=self.pad_token_id,
+                                 fused=self.use_fused)
