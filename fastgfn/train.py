@@ -77,4 +77,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastgfn.trainer.engines.distributed import exit_rank
+
+    code = main()
+    exit_rank(code)  # a rank of a multi-process run ends here (see exit_rank)
+    sys.exit(code)

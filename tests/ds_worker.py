@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastgfn.train import build_config, parse_args
 from fastgfn.trainer import Trainer  # noqa: E402
-from fastgfn.trainer.engines.distributed import shutdown_distributed  # noqa: E402
+from fastgfn.trainer.engines.distributed import exit_rank, shutdown_distributed  # noqa: E402
 
 
 def _write(out: Path, name: str, obj) -> None:
@@ -273,6 +273,7 @@ def main() -> None:
         tr = Trainer(build_config(args))
         {"reward": reward, "resume": resume}[mode](tr, out)
     shutdown_distributed()
+    exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -105,6 +106,21 @@ def shutdown_distributed() -> None:
     if is_distributed():
         torch.distributed.barrier()
         _destroy_process_group()
+
+
+def exit_rank(code: int) -> None:
+    """End a process that is one of several ranks (a launcher set ``WORLD_SIZE`` > 1) with
+    ``code``, once its run is over and written: output flushed, then ``os._exit``, which skips
+    the C++ static destruction where libraries' worker threads left behind (gloo, DeepSpeed's
+    ops) can abort a rank that finished cleanly (SIGABRT, "terminate called without an active
+    exception"). Returns without doing anything in any other process (one plain process, a
+    library caller's interpreter)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return
+    shutdown_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
