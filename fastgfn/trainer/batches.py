@@ -91,16 +91,20 @@ class BatchSource:
     def __init__(self, sampling, task, engine, replica, buffer: ReplayBuffer,
                  py_rng: random.Random, generator: torch.Generator):
         """``sampling``: the run's sampling section (``sections.SamplingSection``)."""
-        self.cfg, self.task, self.engine, self.replica = sampling, task, engine, replica
+        self.sampling, self.task, self.engine, self.replica = sampling, task, engine, replica
         self.buffer, self.py_rng, self.generator = buffer, py_rng, generator
         self.actions = PolicyActions.of(task, engine.device)
-        self.policy_bias = self.actions.logit_bias  # also where the policy is scored
+
+    @property
+    def policy_bias(self) -> torch.Tensor | None:
+        """The task's policy bias on the engine's device: also where the policy is scored."""
+        return self.actions.logit_bias
 
     def next_batch(self) -> Batch:
         """The next micro-batch, final: with ``dead_ends``, every row is cut at its first dead
         state (``Batch.dead``)."""
         batch = self._draw()
-        if self.cfg.dead_ends:
+        if self.sampling.dead_ends:
             batch.dead = cut_dead_ends(self.task, batch.rows, batch.lengths)
         return batch
 
@@ -108,10 +112,10 @@ class BatchSource:
         prompt_index = self.py_rng.randrange(self.task.num_prompts())
         if self._replay(prompt_index):
             if self.task.tool() is None:
-                rows = self.buffer.sample(prompt_index, self.cfg.batch_size, self.py_rng)
+                rows = self.buffer.sample(prompt_index, self.sampling.batch_size, self.py_rng)
                 tokens, lengths = ReplayBuffer.to_tensors(rows, self.task.pad_token_id)
                 return Batch(prompt_index, tokens, lengths, rows, True)
-            rows, masks = self.buffer.sample_with_masks(prompt_index, self.cfg.batch_size,
+            rows, masks = self.buffer.sample_with_masks(prompt_index, self.sampling.batch_size,
                                                         self.py_rng)
             tokens, lengths = ReplayBuffer.to_tensors(rows, self.task.pad_token_id)
             mask = torch.zeros(tokens.shape, dtype=torch.bool)
@@ -121,13 +125,13 @@ class BatchSource:
         return self._sample(prompt_index)
 
     def _replay(self, prompt_index: int) -> bool:
-        return choose_replay(self.py_rng, self.cfg.replay_prob,
+        return choose_replay(self.py_rng, self.sampling.replay_prob,
                              self.buffer.size(prompt_index) > 0, world_size() > 1)
 
     def _vocab_restriction(self) -> torch.Tensor | None:
         """Per-row vocabulary bias: 0 everywhere, or -inf outside the task's allowed tokens
         for a fraction ``explore_vocab_prob`` of the rows; None when not restricting."""
-        cfg = self.cfg
+        cfg = self.sampling
         allowed = self.task.allowed_token_ids() if cfg.explore_vocab_prob > 0 else None
         if allowed is None:
             return None
@@ -137,7 +141,7 @@ class BatchSource:
 
     @torch.no_grad()
     def _sample(self, prompt_index: int) -> Batch:
-        cfg = self.cfg
+        cfg = self.sampling
         temps = draw_temperatures(cfg.batch_size, prob=cfg.explore_prob,
                                   low=cfg.explore_temp_low, high=cfg.explore_temp_high,
                                   generator=self.generator,

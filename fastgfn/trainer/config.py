@@ -50,19 +50,21 @@ class Config:
         self.update(flat)
 
     # flat keys ----------------------------------------------------------------------------
-    def _where(self, key: str) -> tuple[object, str]:
+    def _locate(self, key: str) -> tuple[object, str] | None:
+        """``(section, field)`` of flat key ``key``, or None when this config has no such key."""
         if key in _STATIC:
             section, attr = _STATIC[key]
             return getattr(self, section), attr
         if key == "task":
             return self.task, "name"
         names = {f.name for f in dataclasses.fields(self.task)} - {"name"}
-        if key in names:
-            return self.task, key
-        raise unknown_key(key, self.task.name)
+        return (self.task, key) if key in names else None
 
-    def keys(self) -> list[str]:
-        return list(self.to_dict())
+    def _where(self, key: str) -> tuple[object, str]:
+        found = self._locate(key)
+        if found is None:
+            raise unknown_key(key, self.task.name)
+        return found
 
     def field_type(self, key: str):
         """The declared type of flat key ``key`` (for coercing strings and YAML values)."""
@@ -130,11 +132,7 @@ class Config:
         return cfg
 
     def has(self, key: str) -> bool:
-        try:
-            self._where(key)
-        except ConfigError:
-            return False
-        return True
+        return self._locate(key) is not None
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Config) and self.to_dict() == other.to_dict()

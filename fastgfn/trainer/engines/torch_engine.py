@@ -16,6 +16,7 @@ import torch
 
 from fastgfn.trainer.engines.base import adamw_with_schedule, read_engine_meta, write_engine_meta
 from fastgfn.trainer.errors import CheckpointError, IncompatibleCheckpointError
+from fastgfn.trainer.model.loading import resolve_device
 
 
 class TorchEngine:
@@ -23,10 +24,7 @@ class TorchEngine:
     zero_stage = 0
 
     def __init__(self, model, cfg):
-        device = cfg.run.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.module = model.to(device)
+        self.module = model.to(resolve_device(cfg.run.device))
         self.cfg = cfg
         self.device = next(model.parameters()).device
         params = [p for p in model.parameters() if p.requires_grad]

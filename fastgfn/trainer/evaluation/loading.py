@@ -17,7 +17,7 @@ import torch
 
 from fastgfn.trainer.config import Config
 from fastgfn.trainer.engines.base import read_engine_meta
-from fastgfn.trainer.model.loading import cuda_available, load_model
+from fastgfn.trainer.model.loading import load_model, resolve_device
 from fastgfn.trainer.persistence.checkpoint import latest_checkpoint
 
 
@@ -36,9 +36,7 @@ def load_run_config(path, overrides, task: str | None = None) -> Config:
 
 def evaluation_device(cfg: Config) -> torch.device:
     """``device`` of the config, ``auto`` being CUDA when there is one."""
-    if cfg.run.device != "auto":
-        return torch.device(cfg.run.device)
-    return torch.device("cuda" if cuda_available() else "cpu")
+    return resolve_device(cfg.run.device)
 
 
 def load_base(cfg: Config, device=None, frozen: bool = True):

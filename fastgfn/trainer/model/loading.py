@@ -181,6 +181,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def resolve_device(device: str) -> torch.device:
+    """The device of config ``device``: ``auto`` is CUDA when there is one, else the CPU."""
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    return torch.device(device)
+
+
 def goes_to_cuda(device: str) -> bool:
     """Whether a model for config ``device`` ends up on a CUDA device (``auto``: CUDA when
     available, as the engines place it)."""
