@@ -26,6 +26,10 @@ fastgfn step alone, see ``floor_worker``); fastgfn's option ``+infmode`` runs th
 reward pass under ``torch.inference_mode`` instead of ``no_grad``, and ``+bf16`` runs the step
 as the engine's ``mixed_precision: bf16`` does (sampling, reward, forward and loss under
 ``torch.autocast(bfloat16)``, the backward outside it, fp32 weights, gradients and AdamW).
+``grpo`` is TRL 1.16's ``GRPOTrainer`` step on the same workload (``bench/grpo_step.py``;
+``+bf16``: its ``bf16=True``). fastgfn runs with the engine's default ``malloc_reuse``
+(``engines/host_memory.py``: glibc keeps freed memory for the next step); ``+sysmalloc``
+turns it off, and ``paper+reuse`` / ``grpo+reuse`` give the baselines the same setting.
 ``@1`` runs that method on one thread (default ``--threads``), ``@2p`` on two with
 ``OMP_WAIT_POLICY=PASSIVE``.
 fastgfn samples as the engine does by default (``--sample_dtype auto``:
@@ -34,7 +38,7 @@ prints and records (``--json``: ``machine``) the machine it ran on, from
 ``fastgfn.trainer.reporting.machine``: CPU model, cores, AVX2 / AVX-512 / AVX-512 BF16 / AMX, and
 whether bf16 matmuls are native or emulated there.
 
-    python bench/bench_step.py [--rounds 3] [--steps 3] [--methods paper,fastgfn,floor]
+    python bench/bench_step.py [--rounds 3] [--steps 3] [--methods paper,fastgfn,grpo,floor]
         [--batch 16] [--tokens 30] [--model smollm2|tiny] [--sample_dtype auto]
 """
 
@@ -215,7 +219,13 @@ def fastgfn_step(policy, reward_model, opt, prompt, B, T, term, gen, replica=Non
     return float(loss)
 
 
-FASTGFN_OPTIONS = ("infmode", "bf16")
+# options each method takes (see the module docstring)
+METHOD_OPTIONS = {
+    "paper": ("reuse",),
+    "fastgfn": ("infmode", "bf16", "sysmalloc"),
+    "grpo": ("bf16", "reuse"),
+    "floor": (),
+}
 
 
 def parse_method(spec: str, default_threads: int) -> tuple[str, tuple[str, ...], int]:
@@ -224,9 +234,9 @@ def parse_method(spec: str, default_threads: int) -> tuple[str, tuple[str, ...],
     name, _, threads = spec.partition("@")
     name, *options = name.split("+")
     threads = threads[:-1] if threads.endswith("p") else threads
-    if name not in ("paper", "fastgfn", "floor"):
+    if name not in METHOD_OPTIONS:
         raise ValueError(f"--methods: unknown method {name!r} in {spec!r}")
-    bad = [o for o in options if name != "fastgfn" or o not in FASTGFN_OPTIONS]
+    bad = [o for o in options if o not in METHOD_OPTIONS[name]]
     if bad:
         raise ValueError(f"--methods: {spec!r}: unknown option(s) {bad}")
     if threads and not (threads.isdigit() and int(threads) > 0):
@@ -261,6 +271,19 @@ def worker(spec: str, args) -> dict:
     if method == "floor":
         return {"method": spec, "threads": threads, "load_before": load_before,
                 **floor_worker(args), "load_after": load_average()}
+    malloc_reuse = "reuse" in options or (method == "fastgfn" and "sysmalloc" not in options)
+    if malloc_reuse:  # as the engine does on the CPU (run.malloc_reuse, on by default)
+        from fastgfn.trainer.engines.host_memory import keep_freed_memory
+
+        why_not = keep_freed_memory()
+        if why_not is not None:
+            raise RuntimeError(f"{spec}: malloc reuse unavailable here: {why_not}")
+    if method == "grpo":
+        from bench.grpo_step import grpo_worker
+
+        res = grpo_worker(args, options, PROMPT, PeakRSS, rss_bytes, trim)
+        return {"method": spec, "threads": threads, "malloc_reuse": malloc_reuse, **res,
+                "load_before": load_before, "load_after": load_average()}
     torch.manual_seed(0)
     cfg = load_config(None, [f"model={args.model}"])
     policy, tok = load_model(cfg)
@@ -304,6 +327,7 @@ def worker(spec: str, args) -> dict:
     return {
         "method": spec,
         "threads": threads,
+        "malloc_reuse": malloc_reuse,
         "sample_dtype": sample_dtype,
         "phase_s": {name: [x[0] for x in v[w:]] for name, v in phases.items()},
         "phase_cpu_s": {name: [x[1] for x in v[w:]] for name, v in phases.items()},
@@ -434,6 +458,7 @@ def summarise(runs: list[dict]) -> dict:
         "peak_step_mb": _median([r["peak_step_mb"] for r in runs]),
         "peak_rss_mb": _median([r["peak_rss_mb"] for r in runs]),
         "threads": first["threads"], "sample_dtype": first["sample_dtype"],
+        "malloc_reuse": first.get("malloc_reuse"),
         "losses": [r["losses"] for r in runs],
     }
 
@@ -454,12 +479,17 @@ def report(results: dict) -> None:
         if res["phases"]:
             print("    phases (median s, CPU s): " + ", ".join(
                 f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in res["phases"].items()), flush=True)
+    baselines = [(spec, res) for spec, res in results.items()
+                 if spec.split("@")[0].split("+")[0] in ("paper", "grpo")]
     for spec, res in results.items():
-        paper = results.get(f"paper@{res['threads']}") or results.get("paper")
-        if spec.startswith("fastgfn") and paper is not None and paper["threads"] == res["threads"]:
-            print(f"{spec}: {paper['step_s'] / res['step_s']:.2f}x faster than the paper step "
-                  f"({paper['step_cpu_s'] / res['step_cpu_s']:.2f}x in CPU time), step memory "
-                  f"ratio {res['peak_step_mb'] / max(1e-9, paper['peak_step_mb']):.2f}")
+        if not spec.startswith("fastgfn"):
+            continue
+        for base_spec, base in baselines:
+            if base["threads"] != res["threads"]:
+                continue
+            print(f"{spec}: {base['step_s'] / res['step_s']:.2f}x faster than {base_spec} "
+                  f"({base['step_cpu_s'] / res['step_cpu_s']:.2f}x in CPU time), step memory "
+                  f"ratio {res['peak_step_mb'] / max(1e-9, base['peak_step_mb']):.2f}")
 
 
 def main():

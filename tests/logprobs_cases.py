@@ -85,10 +85,14 @@ def _err(a, b):
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def check_against_reference(kind, backend, tensors, options, dtype, device="cpu", seed=0):
+def check_against_reference(kind, backend, tensors, options, dtype, device="cpu", seed=0,
+                            weight_dtype=None):
     """Values and gradients of ``backend`` vs float64, with the 2x-PyTorch rule at ``dtype``.
 
     ``tensors``: (logits, target, extra) or (hidden, weight, bias, target, extra), float64.
+    ``weight_dtype`` (linear only): the weight and bias in that dtype, hidden in ``dtype`` --
+    mixed precision's fp32 master weights, held to PyTorch's error with all of them in
+    ``dtype`` (what autocast computes); their gradients must come back in ``weight_dtype``.
     """
     opts = dict(options)
     if kind == "logits":
@@ -134,7 +138,11 @@ def check_against_reference(kind, backend, tensors, options, dtype, device="cpu"
         lambda *a: _wrap(as_out(ref_fn(*a, compute_dtype=dtype))), low_in, seed
     )
     # ours at dtype
-    our_in = [t.to(dtype).to(device) if t is not None else None for t in float_in]
+    in_dtypes = [dtype] * len(float_in)
+    if weight_dtype is not None:
+        assert kind == "linear"
+        in_dtypes[1:] = [weight_dtype, weight_dtype]
+    our_in = [t.to(d).to(device) if t is not None else None for t, d in zip(float_in, in_dtypes)]
     our_out, our_grads, _ = _run(our_fn, our_in, seed)
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     names = (
@@ -153,7 +161,7 @@ def check_against_reference(kind, backend, tensors, options, dtype, device="cpu"
             assert ours is None
             continue
         assert ours is not None, f"no gradient for input {i}"
-        assert ours.dtype == dtype and ours.shape == exact.shape
+        assert ours.dtype == in_dtypes[i] and ours.shape == exact.shape, (i, ours.dtype)
         e_ours, e_torch = _err(ours, exact), _err(theirs, exact)
         assert e_ours <= 2 * e_torch + _atol(dtype, exact), (
             f"grad of input {i}: error {e_ours:.3g} vs PyTorch's {e_torch:.3g} at {dtype}"

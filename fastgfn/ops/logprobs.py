@@ -162,6 +162,11 @@ def token_logprobs(
     return _package(out, lead, return_entropy, return_lse)
 
 
+def _master_weights(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 weights with half-precision hidden states: the mixed-precision pairing."""
+    return weight.dtype == torch.float32 and hidden.dtype in (torch.bfloat16, torch.float16)
+
+
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -180,9 +185,11 @@ def linear_token_logprobs(
     """Per-token log-probs of ``logits = hidden @ weight.T + bias`` without forming them.
 
     ``hidden [..., H]``, ``weight [V, H]`` (an lm_head), ``bias [V]`` or None, all of one
-    floating dtype. Outputs as :func:`token_logprobs`. Gradients flow to hidden, weight and
-    bias; the weight gradient is accumulated in fp32 whatever the input dtype. Ids out of
-    range: as :func:`token_logprobs`.
+    floating dtype, or bf16/fp16 ``hidden`` with fp32 ``weight`` and ``bias`` (mixed
+    precision: fp32 master weights, the products in hidden's dtype with fp32 accumulation, as
+    ``F.linear`` under autocast). Outputs as :func:`token_logprobs`. Gradients flow to hidden,
+    weight and bias, each in its own dtype; the weight gradient is accumulated in fp32
+    whatever the input dtype. Ids out of range: as :func:`token_logprobs`.
     """
     hidden = check_tensor("hidden", hidden)
     if hidden.dim() < 2:
@@ -195,15 +202,18 @@ def linear_token_logprobs(
         raise ValueError(
             f"weight must have shape (V, {H}) to match hidden [..., {H}], got {tuple(weight.shape)}"
         )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.dtype != hidden.dtype and not _master_weights(hidden, weight):
+        raise TypeError(
+            f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype} (weights of "
+            "another dtype than hidden: only float32 weights with bfloat16/float16 hidden)"
+        )
     V = weight.shape[0]
     if bias is not None:
         bias = check_tensor("bias", bias, ndim=1)
         if bias.shape[0] != V:
             raise ValueError(f"bias must have shape ({V},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     check_same_device("hidden", hidden, weight=weight, bias=bias)
     temperature, softcap = _check_options(temperature, softcap, ignore_index)
     lead = tuple(hidden.shape[:-1])

@@ -20,6 +20,7 @@ from fastgfn.trainer.engines.distributed import (
     world_size,
     zero3_init_context,
 )
+from fastgfn.trainer.engines.host_memory import keep_freed_memory
 from fastgfn.trainer.model.loading import disable_dropout, load_model, load_tokenizer
 from fastgfn.trainer.model.reward import build_reward_lm
 from fastgfn.trainer.objective import Objective
@@ -121,6 +122,10 @@ def build(cfg) -> Components:
     model.train()
     disable_dropout(model)
     engine = build_engine(model, cfg, ds_config)
+    if cfg.run.malloc_reuse and engine.device.type == "cpu":
+        why_not = keep_freed_memory()
+        if why_not is not None and rank() == 0:
+            print(f"fastgfn: malloc_reuse: left off ({why_not})")
     streams.place(engine.device)
     sampling = cfg.sampling
     buffer = ReplayBuffer(sampling.replay_size, sampling.replay_min_distance,

@@ -19,6 +19,7 @@
 
 #include <cstdlib>
 
+#include "bf16_gemm.h"
 #include "logprobs_common.h"
 
 namespace {
@@ -40,53 +41,87 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
     TORCH_CHECK(vocab_bias->dim() == 1 && vocab_bias->size(0) == V, "vocab_bias must be [V]");
 }
 
-// Produces transformed logit tiles z'[r0:r1, v0:v1] from hidden states and the lm_head.
+// Produces transformed logit tiles z'[r0:r1, v0:v1] from hidden states and the lm_head, and
+// the two products of the backward. The products run in the GEMM dtype `gdt`: the compute
+// dtype, or bf16 for bf16 hidden states where the bf16 -> fp32 product is enabled
+// (bf16_gemm.h; the weight, bf16 or fp32 master weights, is rounded to bf16 for it). The
+// tiles and everything computed on them stay in the compute dtype.
 struct LinearTiles {
-  at::Tensor h;                  // [N, H], compute dtype, contiguous
-  const at::Tensor& weight;      // [V, H], any float dtype
+  at::Tensor h;                  // [N, H], GEMM dtype, contiguous
+  at::Tensor weight;             // [V, H], any float dtype
   c10::optional<at::Tensor> b;   // lm_head bias, compute dtype (softcap path)
   c10::optional<at::Tensor> c;   // b / tau + beta (no-softcap path), compute dtype
   c10::optional<at::Tensor> beta;
   Params P;
-  at::ScalarType cdt;
+  at::ScalarType cdt, gdt;
+
+  bool bf16_products() const { return gdt == at::kBFloat16 && cdt == at::kFloat; }
 
   at::Tensor weight_chunk(int64_t v0, int64_t v1) const {
     at::Tensor w = weight.slice(0, v0, v1);
-    return w.scalar_type() == cdt && w.is_contiguous() ? w : w.to(cdt).contiguous();
+    return w.scalar_type() == gdt && w.is_contiguous() ? w : w.to(gdt).contiguous();
+  }
+
+  // C += op(A) op(B), C in the compute dtype, A and B in the GEMM dtype.
+  void add_product(at::Tensor& C, const at::Tensor& A, bool trans_a, const at::Tensor& B,
+                   bool trans_b) const {
+    if (bf16_products()) fastgfn_gemm::gemm_bf16_f32(A, trans_a, B, trans_b, C, 1.0f, 1.0f);
+    else C.addmm_(trans_a ? A.t() : A, trans_b ? B.t() : B);
+  }
+
+  // z = alpha h_tile w^T (+ add, a [bv] row broadcast over the tile's rows)
+  void logits(at::Tensor& z, const at::Tensor& ht, const at::Tensor& w,
+              const c10::optional<at::Tensor>& add, double alpha) const {
+    if (bf16_products()) {
+      if (add.has_value()) z.copy_(add->unsqueeze(0).expand_as(z));
+      fastgfn_gemm::gemm_bf16_f32(ht, false, w, true, z, float(alpha),
+                                  add.has_value() ? 1.0f : 0.0f);
+    } else if (add.has_value()) {
+      at::addmm_out(z, *add, ht, w.t(), 1.0, alpha);
+    } else {
+      at::mm_out(z, ht, w.t());
+      if (alpha != 1.0) z.mul_(alpha);
+    }
   }
 
   at::Tensor operator()(Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1,
                         const at::Tensor& w, at::Tensor* tanh_out) const {
     at::Tensor ht = h.slice(0, r0, r1);
     at::Tensor z = Workspace::tile(ws.x, r1 - r0, v1 - v0);
+    auto chunk = [&](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
+      if (!t.has_value()) return c10::nullopt;
+      return t->slice(0, v0, v1);
+    };
     if (P.softcap > 0.0) {
-      if (b.has_value()) at::addmm_out(z, b->slice(0, v0, v1), ht, w.t());
-      else at::mm_out(z, ht, w.t());
-      c10::optional<at::Tensor> bc;
-      if (beta.has_value()) bc = beta->slice(0, v0, v1);
-      transform_tile(z, bc, P, tanh_out);
+      logits(z, ht, w, chunk(b), 1.0);
+      transform_tile(z, chunk(beta), P, tanh_out);
       return z;
     }
-    if (c.has_value()) {
-      at::addmm_out(z, c->slice(0, v0, v1), ht, w.t(), 1.0, P.inv_tau);
-    } else {
-      at::mm_out(z, ht, w.t());
-      if (P.inv_tau != 1.0) z.mul_(P.inv_tau);
-    }
+    logits(z, ht, w, chunk(c), P.inv_tau);
     return z;
   }
 };
 
+at::ScalarType gemm_dtype(const at::Tensor& hidden, at::ScalarType cdt) {
+  return hidden.scalar_type() == at::kBFloat16 && fastgfn_gemm::bf16_gemm_enabled()
+             ? at::kBFloat16
+             : cdt;
+}
+
+// `whole_weight`: convert the weight to the GEMM dtype once here (the forward reads every
+// chunk once per row tile) rather than chunk by chunk (the backward reads each chunk once).
 LinearTiles make_tiles(const at::Tensor& hidden, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias,
                        const c10::optional<at::Tensor>& vocab_bias, const Params& P,
-                       at::ScalarType cdt) {
-  LinearTiles t{hidden.to(cdt).contiguous(), weight, {}, {}, {}, P, cdt};
+                       at::ScalarType cdt, bool whole_weight) {
+  const at::ScalarType gdt = gemm_dtype(hidden, cdt);
+  at::Tensor w = whole_weight && weight.scalar_type() != gdt ? weight.to(gdt) : weight;
+  LinearTiles t{hidden.to(gdt).contiguous(), w, {}, {}, {}, P, cdt, gdt};
+  const auto copts = hidden.options().dtype(cdt);
   if (vocab_bias.has_value()) t.beta = vocab_bias->to(cdt).contiguous();
   if (bias.has_value()) t.b = bias->to(cdt).contiguous();
   if (P.softcap <= 0.0 && (t.b.has_value() || t.beta.has_value())) {
-    at::Tensor c = t.b.has_value() ? t.b->mul(P.inv_tau) : at::zeros({weight.size(0)},
-                                                                     t.h.options());
+    at::Tensor c = t.b.has_value() ? t.b->mul(P.inv_tau) : at::zeros({weight.size(0)}, copts);
     if (t.beta.has_value()) c.add_(*t.beta);
     t.c = c.contiguous();
   }
@@ -102,12 +137,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forwa
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto cdt = compute_dtype(hidden.scalar_type());
   const TokenIds ids = token_ids(target_in, extra_in, V, temperature, softcap, ignore_index);
-  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt);
+  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt, true);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(cdt, "fastgfn_linear_logprobs_forward", [&] {
     auto stats = forward_driver<scalar_t>(
         N, V, ids.target.data_ptr<int64_t>(), ids.extra.data_ptr<int64_t>(), ids.K, entropy,
-        tiles.h.options(),
+        hidden.options().dtype(cdt),
         [&](Workspace& ws, int64_t r0, int64_t r1, int64_t v0, int64_t v1) {
           return tiles(ws, r0, r1, v0, v1, tiles.weight_chunk(v0, v1), nullptr);
         });
@@ -142,11 +177,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto cdt = compute_dtype(hidden.scalar_type());
   const TokenIds ids = token_ids(target_in, extra_in, V, temperature, softcap, ignore_index);
-  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt);
+  const LinearTiles tiles = make_tiles(hidden, weight, bias, vocab_bias, ids.P, cdt, false);
 
   const RowGrads g =
       row_grads(grad_logp, grad_extra, grad_entropy, grad_lse, lse_in, entropy_in, ids, cdt);
-  const auto copts = tiles.h.options();
+  const auto copts = hidden.options().dtype(cdt);
 
   at::Tensor dW = need_weight ? at::empty({V, H}, weight.options()) : at::Tensor();
   at::Tensor db = need_bias ? at::empty({V}, bias.has_value() ? bias->options() : copts)
@@ -175,6 +210,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
         at::Tensor dw_buf = need_weight ? at::empty({kBlockV, H}, copts) : at::Tensor();
         at::Tensor db_buf = need_bias ? at::empty({kBlockV}, copts) : at::Tensor();
         at::Tensor db_row = need_bias ? at::empty({kBlockV}, copts) : at::Tensor();
+        at::Tensor dz_gemm_buf = tiles.bf16_products()
+                                     ? at::empty({kBlockN * kBlockV}, copts.dtype(tiles.gdt))
+                                     : at::Tensor();
         for (int64_t c = begin; c < end; ++c) {
           const int64_t v0 = c * kBlockV, v1 = std::min(V, v0 + kBlockV), bv = v1 - v0;
           const at::Tensor w = tiles.weight_chunk(v0, v1);
@@ -186,13 +224,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
             at::Tensor x = tiles(ws, r0, r1, v0, v1, w, softcap > 0.0 ? &t : nullptr);
             at::Tensor dz = tile_backward<scalar_t>(x, t, ws, r0, r1, v0, v1, g, ids);
             const at::Tensor ht = tiles.h.slice(0, r0, r1);
-            if (need_weight) dw_acc.addmm_(dz.t(), ht);
+            at::Tensor dz_g = dz;  // dz in the GEMM dtype
+            if (dz_gemm_buf.defined()) {
+              dz_g = Workspace::tile(dz_gemm_buf, r1 - r0, bv);
+              dz_g.copy_(dz);
+            }
+            if (need_weight) tiles.add_product(dw_acc, dz_g, true, ht, false);
             if (need_bias) {
               at::Tensor part = db_row.narrow(0, 0, bv);
               at::sum_out(part, dz, {0});
               db_acc.add_(part);
             }
-            if (need_hidden) dh_parts[tid].slice(0, r0 - R0, r1 - R0).addmm_(dz, w);
+            if (need_hidden) {
+              at::Tensor dh_rows = dh_parts[tid].slice(0, r0 - R0, r1 - R0);
+              tiles.add_product(dh_rows, dz_g, false, w, false);
+            }
           }
           if (need_weight) {
             if (nblocks == 1) dW.slice(0, v0, v1).copy_(dw_acc);
