@@ -15,7 +15,7 @@ and for the backward, so the largest cost is named, not guessed. ``--mixed_preci
 runs the forward under ``torch.autocast(bfloat16)`` as the engine does.
 
     python bench/profile_step.py [--reps 3] [--batch 16] [--tokens 30] [--threads 2]
-        [--mixed_precision no|bf16] [--top 25] [--json out.json]
+        [--mixed_precision no|bf16] [--malloc_reuse 1|0] [--top 25] [--json out.json]
 """
 
 from __future__ import annotations
@@ -125,6 +125,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--malloc_reuse", type=int, choices=(0, 1), default=1,
+                    help="glibc keeps freed memory, as the engine's run.malloc_reuse (default 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     for key in ("reps", "batch", "tokens", "threads", "top"):
@@ -134,6 +136,12 @@ def main():
     from fastgfn.trainer.reporting.machine import describe_machine, machine_line
 
     torch.set_num_threads(args.threads)
+    if args.malloc_reuse:
+        from fastgfn.trainer.engines.host_memory import keep_freed_memory
+
+        why_not = keep_freed_memory()
+        if why_not is not None:
+            print(f"malloc_reuse: left off ({why_not})")
     machine = describe_machine()
     print("machine:", machine_line(machine), flush=True)
 

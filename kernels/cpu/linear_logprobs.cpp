@@ -15,6 +15,14 @@
 // per-thread [rows, H] buffers in the compute dtype, summed at the end. Rows are processed in
 // blocks that keep those buffers within ~64 MiB (several blocks: dW accumulates across them in
 // an fp32 [V, H] buffer). Memory: O(V H + min(N H threads, 64 MiB) + tiles), never O(N V).
+//
+// bf16 hidden states: the tiles are fp32 either way. Where bf16 x bf16 -> fp32 products are
+// enabled (bf16_gemm.h: a CPU with AMX-BF16, or forced) the three products take bf16
+// operands — h, the weight rounded to bf16 once (bf16 or fp32 master weights), and dz rounded
+// to bf16 for dW and dh — and accumulate in fp32, like a GPU's tensor cores; elsewhere h is
+// widened to fp32 and the products run in fp32. MKL's bf16 product and ATen's brgemm were
+// measured at fp32 speed on an AVX512_BF16 CPU without AMX (Zen 4), and oneDNN's fast bf16 path
+// (at::mm) only writes bf16, which would round the logits: hence AMX only by default.
 #include <torch/library.h>
 
 #include <cstdlib>
