@@ -1,12 +1,14 @@
-"""The fused lm_head op in bf16: its bf16 -> fp32 product path (kernels/cpu/bf16_gemm.h) and
-mixed precision's fp32 master weights with bf16 hidden states.
+"""The fused lm_head op in bf16: its bf16 -> fp32 product paths (kernels/cpu/bf16_gemm.h,
+bf16_dot_gemm.h) and mixed precision's fp32 master weights with bf16 hidden states.
 
-The C++ backend takes the bf16 product where the CPU has AMX (elsewhere it rounds nothing and
-computes in fp32); ``FASTGFN_CPU_BF16_GEMM=1`` forces the path on any CPU (MKL runs it
-correctly without bf16 instructions), ``=0`` turns it off, so both are checked wherever the
-suite runs. Every case: values and gradients against float64 with the 2x-PyTorch rule at
-bf16 (tests/logprobs_cases.py), irregular shapes, several row blocks, -inf vocabulary masks,
-peaked rows, no rows.
+The C++ backend takes a bf16 product where the CPU has one (MKL on AMX, the vdpbf16ps kernel
+on AVX512-BF16 without AMX; elsewhere it rounds nothing and computes in fp32).
+``FASTGFN_CPU_BF16_GEMM`` picks the path: ``mkl`` runs MKL's product on any CPU (it emulates
+it correctly without bf16 instructions), ``avx512_bf16`` the dot-product kernel (where the CPU
+has the instruction: these cases say so when they skip), ``0`` the fp32 products, so each is
+checked wherever it can run. Every case: values and gradients against float64 with the
+2x-PyTorch rule at bf16 (tests/logprobs_cases.py), irregular shapes, several row blocks, -inf
+vocabulary masks, peaked rows, no rows.
 """
 
 from __future__ import annotations
@@ -20,12 +22,45 @@ from fastgfn.ops.logprobs import linear_token_logprobs
 from .logprobs_cases import check_against_reference, make_linear_case, zero_row_linear_grads
 
 BF16 = torch.bfloat16
+PRODUCTS = ["mkl", "avx512_bf16", "0"]
 
 
-@pytest.fixture(params=["1", "0"], ids=["bf16-products", "fp32-products"])
+def _use_products(monkeypatch, mode: str) -> None:
+    monkeypatch.setenv("FASTGFN_CPU_BF16_GEMM", mode)
+    try:
+        torch.ops.fastgfn_cpu.bf16_gemm_backend()
+    except RuntimeError as err:
+        assert mode == "avx512_bf16" and "no AVX512-BF16" in str(err)
+        pytest.skip("this CPU has no AVX512-BF16 (vdpbf16ps)")
+
+
+@pytest.fixture(params=PRODUCTS, ids=["mkl-products", "dot-products", "fp32-products"])
 def products(request, monkeypatch):
-    monkeypatch.setenv("FASTGFN_CPU_BF16_GEMM", request.param)
+    _use_products(monkeypatch, request.param)
     return request.param
+
+
+def test_backend_names_the_products(monkeypatch):
+    """The switch resolves as documented: 0 is off, mkl is MKL, 1 and unset the CPU's own
+    (never off where the CPU has bf16 instructions), and a bad value is refused by name."""
+    for mode, want in (("0", "off"), ("mkl", "mkl")):
+        monkeypatch.setenv("FASTGFN_CPU_BF16_GEMM", mode)
+        assert torch.ops.fastgfn_cpu.bf16_gemm_backend() == want
+    monkeypatch.setenv("FASTGFN_CPU_BF16_GEMM", "1")
+    assert torch.ops.fastgfn_cpu.bf16_gemm_backend() in ("mkl", "avx512_bf16")
+    monkeypatch.delenv("FASTGFN_CPU_BF16_GEMM")
+    own = torch.ops.fastgfn_cpu.bf16_gemm_backend()
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    if "amx_bf16" in flags:
+        assert own == "mkl"
+    elif "avx512_bf16" in flags:
+        assert own == "avx512_bf16"
+    else:
+        assert own == "off"
+    monkeypatch.setenv("FASTGFN_CPU_BF16_GEMM", "yes")
+    with pytest.raises(RuntimeError, match="FASTGFN_CPU_BF16_GEMM"):
+        torch.ops.fastgfn_cpu.bf16_gemm_backend()
 
 
 CASES = {  # N, V, H, options
@@ -33,6 +68,7 @@ CASES = {  # N, V, H, options
     "softcap": (300, 700, 16, dict(softcap=10.0, return_entropy=True, return_lse=True)),
     "tiles": (513, 1537, 64, dict(temperature=1.3, return_lse=True)),
     "one_row": (1, 5, 16, dict(return_entropy=True)),
+    "odd_hidden": (29, 300, 23, dict(temperature=0.9, return_lse=True)),  # odd K, unaligned rows
 }
 
 
@@ -70,15 +106,22 @@ def test_cpp_bf16_no_bias_no_rows(products):
 def test_bf16_products_differ_from_fp32_products(monkeypatch):
     """The switch does switch: the bf16 products round the fp32 weights, the fp32 ones do
     not, so the results differ (they would not if the library lacked MKL's bf16 product and
-    fell back), and both stay within bf16's error."""
+    fell back), and both stay within bf16's error; the two bf16 products agree to fp32
+    accumulation order."""
     h, w, b, target, extra, _ = make_linear_case(64, 900, 32, seed=3, peaked=False)
     out = {}
-    for mode in ("1", "0"):
+    for mode in PRODUCTS:
         monkeypatch.setenv("FASTGFN_CPU_BF16_GEMM", mode)
+        try:
+            torch.ops.fastgfn_cpu.bf16_gemm_backend()
+        except RuntimeError:
+            continue  # no AVX512-BF16 here
         out[mode] = linear_token_logprobs(h.to(BF16), w.float(), target, b.float(), extra,
                                           backend="cpp").logp
-    assert not torch.equal(out["1"], out["0"])
-    torch.testing.assert_close(out["1"], out["0"], rtol=0, atol=0.05)
+    assert not torch.equal(out["mkl"], out["0"])
+    torch.testing.assert_close(out["mkl"], out["0"], rtol=0, atol=0.05)
+    if "avx512_bf16" in out:
+        torch.testing.assert_close(out["avx512_bf16"], out["mkl"], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
