@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from fastgfn.lm_logprobs import gfn_logprobs_from_hidden
+from fastgfn.trainer.model.cpu_attention import teacher_forced_attention
 from fastgfn.trainer.model.kv_cache import cache_kwarg, expand_cache, output_cache
 
 
@@ -34,11 +35,14 @@ def hidden_states(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, *,
     """Final hidden states at states s_0..s_T: ``[B, T+1, H]``. The prompt (1-D) runs once.
     With ``return_cache``: ``(hidden, cache)``, the KV cache of prompt + tokens per row."""
     decoder = model.get_decoder()
-    B = tokens.shape[0]
-    out = decoder(input_ids=prompt_ids[None], use_cache=True)
+    B, T = tokens.shape
+    P = prompt_ids.shape[0]
+    with teacher_forced_attention(model, 1, P, P):
+        out = decoder(input_ids=prompt_ids[None], use_cache=True)
     h0 = out.last_hidden_state[:, -1:]  # [1, 1, H]: state s_0
     cache = expand_cache(output_cache(out), B)
-    out = decoder(input_ids=tokens, use_cache=True, **{cache_kwarg(model): cache})
+    with teacher_forced_attention(model, B, T, P + T):
+        out = decoder(input_ids=tokens, use_cache=True, **{cache_kwarg(model): cache})
     h = torch.cat([h0.expand(B, 1, h0.shape[-1]), out.last_hidden_state], dim=1)
     return (h, output_cache(out)) if return_cache else h
 
