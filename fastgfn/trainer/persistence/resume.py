@@ -33,7 +33,7 @@ FREE = frozenset({
     "steps", "stop_after_steps", "save_every", "keep_checkpoints", "resume",
     "allow_config_change", "output_dir", "export_dir", "save_model", "eval_samples",
     "eval_batch_size", "eval_before", "eval_every", "eval_data_path", "eval_questions",
-    "eval_rationales", "histogram", "progress", "tensorboard", "num_threads",
+    "eval_rationales", "histogram", "progress", "tensorboard", "num_threads", "malloc_reuse",
     "max_nonfinite_steps", "deepspeed_config", "device",
 })
 FIXED = frozenset({

@@ -1,7 +1,8 @@
 """What machine a measurement ran on, for every figure the project reports: the CPU model,
 the cores this process may use, the vector and matrix extensions that decide the speed of
-fp32 and bf16 matmuls (AVX2, AVX-512, AVX-512 BF16, AMX), and whether PyTorch runs bf16
-matmuls natively here (oneDNN) or emulates them."""
+fp32 and bf16 matmuls (AVX2, AVX-512, AVX-512 BF16, AMX), whether PyTorch runs bf16
+matmuls natively here (oneDNN) or emulates them, and how the fused lm_head's bf16 products
+run (kernels/cpu/bf16_gemm.h: MKL on AMX, the AVX512-BF16 kernel, or fp32)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,21 @@ def native_bf16_matmuls() -> bool:
     return bool(check is not None and check())
 
 
+def lm_head_bf16_products() -> str:
+    """How the C++ fused lm_head runs bf16 products here: "mkl", "avx512_bf16", "off", or
+    "unavailable" without the C++ kernels."""
+    from fastgfn._extension import cpu_kernels_available
+
+    if not cpu_kernels_available():
+        return "unavailable"
+    import torch
+
+    return str(torch.ops.fastgfn_cpu.bf16_gemm_backend())
+
+
 def describe_machine() -> dict:
-    """``{"cpu", "cores", "extensions", "bf16_matmuls"}``, ``bf16_matmuls`` "native" or
-    "emulated"."""
+    """``{"cpu", "cores", "extensions", "bf16_matmuls", "lm_head_bf16_products"}``,
+    ``bf16_matmuls`` "native" or "emulated"."""
     try:
         facts = cpu_facts(Path("/proc/cpuinfo").read_text())
     except OSError:
@@ -46,11 +59,16 @@ def describe_machine() -> dict:
         else os.cpu_count(),
         "extensions": facts["extensions"],
         "bf16_matmuls": "native" if native_bf16_matmuls() else "emulated",
+        "lm_head_bf16_products": lm_head_bf16_products(),
     }
 
 
 def machine_line(machine: dict | None = None) -> str:
-    """One line: "AMD EPYC, 2 cores, avx2; bf16 matmuls emulated"."""
+    """One line: "AMD EPYC, 2 cores, avx2; bf16 matmuls emulated; lm_head bf16 products off"
+    (the last part where the machine's description has it)."""
     m = machine or describe_machine()
     ext = ", ".join(m["extensions"]) or "no AVX2"
-    return f"{m['cpu']}, {m['cores']} cores, {ext}; bf16 matmuls {m['bf16_matmuls']}"
+    line = f"{m['cpu']}, {m['cores']} cores, {ext}; bf16 matmuls {m['bf16_matmuls']}"
+    if "lm_head_bf16_products" in m:
+        line += f"; lm_head bf16 products {m['lm_head_bf16_products']}"
+    return line
