@@ -1,7 +1,8 @@
 """CPU benchmark: fused lm_head + per-token log-probs (C++) vs eager, torch.compile and
 ``torch.nn.functional.linear_cross_entropy``; forward + backward, fp32 or bf16 inputs
 (``--dtype bf16``: every variant gets bf16 hidden states and weight; the fused op accumulates
-in fp32, the others run PyTorch's own bf16 maths).
+in fp32, the others run PyTorch's own bf16 maths; ``FASTGFN_CPU_BF16_GEMM=0|mkl|avx512_bf16``
+picks how the fused op's bf16 products run, kernels/cpu/bf16_gemm.h).
 
 Each variant runs in its own subprocess so that its peak memory (RSS high-water mark,
 ``ru_maxrss``) is measured, not estimated. Reported: the best wall time per forward+backward

@@ -35,8 +35,9 @@ turns it off, and ``paper+reuse`` / ``grpo+reuse`` give the baselines the same s
 fastgfn samples as the engine does by default (``--sample_dtype auto``:
 ``resolve_sample_dtype``, a bf16 replica only on a CPU with native bf16 matmuls). The run
 prints and records (``--json``: ``machine``) the machine it ran on, from
-``fastgfn.trainer.reporting.machine``: CPU model, cores, AVX2 / AVX-512 / AVX-512 BF16 / AMX, and
-whether bf16 matmuls are native or emulated there.
+``fastgfn.trainer.reporting.machine``: CPU model, cores, AVX2 / AVX-512 / AVX-512 BF16 / AMX,
+whether bf16 matmuls are native or emulated there, and how the fused lm_head's bf16 products
+run (``mkl`` on AMX, ``avx512_bf16``, or ``off``: fp32 products).
 
     python bench/bench_step.py [--rounds 3] [--steps 3] [--methods paper,fastgfn,grpo,floor]
         [--batch 16] [--tokens 30] [--model smollm2|tiny] [--sample_dtype auto]
