@@ -10,7 +10,9 @@
 //                           a row-major A as it is, a transposed one packed,
 //   B -> Bp[panel][k2][n]   one word (B[2 k2, n], B[2 k2 + 1, n]) per pair and column, in
 //                           panels of kPanel = 64 columns (four zmm registers),
-// with zeros past K and past N, so no lane reads outside the packed buffers. The micro-kernel
+// with zeros past K and past N, so no lane reads outside the packed buffers. An fp32 B (the
+// fp32 master weights under autocast) is rounded to bf16 as it is packed (vcvtne2ps2bf16,
+// to nearest even like at::Tensor::to), so no bf16 copy of the weight is ever made. The micro-kernel
 // keeps a kRows x 64 block of C in 4 kRows zmm accumulators and, for each pair k2, broadcasts
 // one word of A per row against the panel's four words of B. A bf16 x bf16 product is exact
 // in fp32 (8 + 8 significant bits); each pair sum and accumulation rounds like an fp32 FMA.
@@ -114,6 +116,77 @@ __attribute__((target("avx512f"))) inline void pack_b_cols(const uint16_t* b, in
   }
 }
 
+// The two packers above for an fp32 B (fp32 master weights), rounding to bf16 (to nearest
+// even, as at::Tensor::to does) while packing instead of through a bf16 copy of B.
+inline uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_b_rows_f32(
+    const float* b, int64_t ld, int64_t K, int64_t N, uint32_t* out) {
+  alignas(64) static const uint16_t pairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                 21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(pairs);
+  const int64_t K2 = (K + 1) / 2, panels = (N + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t n0 = p * kPanel, nn = std::min(kPanel, N - n0);
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      uint32_t* dst = out + (p * K2 + k2) * kPanel;
+      const float* r0 = b + 2 * k2 * ld + n0;
+      const float* r1 = 2 * k2 + 1 < K ? r0 + ld : nullptr;
+      for (int64_t j = 0; j < kPanel; j += 16) {
+        const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, nn - j));
+        const __mmask16 m = left == 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+        const __m512 lo = _mm512_maskz_loadu_ps(m, r0 + j);
+        const __m512 hi = r1 == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, r1 + j);
+        // [bf16(lo) x 16, bf16(hi) x 16] -> (lo_j, hi_j) words
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_storeu_si512(dst + j, _mm512_permutexvar_epi16(idx, both));
+      }
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bf16"))) inline void pack_b_cols_f32(
+    const float* b, int64_t ld, int64_t K, int64_t N, uint32_t* out) {
+  const int64_t K2 = (K + 1) / 2, panels = (N + kPanel - 1) / kPanel;
+  if (K % 2 != 0 || N * ld * int64_t(sizeof(float)) > INT32_MAX) {
+    for (int64_t p = 0; p < panels; ++p)  // plain copy: odd K, or offsets past int32
+      for (int64_t k2 = 0; k2 < K2; ++k2)
+        for (int64_t j = 0; j < kPanel; ++j) {
+          const int64_t n = p * kPanel + j, k = 2 * k2;
+          uint32_t w = 0;
+          if (n < N) w = bf16_bits(b[n * ld + k]) | (k + 1 < K ? bf16_bits(b[n * ld + k + 1]) << 16 : 0u);
+          out[(p * K2 + k2) * kPanel + j] = w;
+        }
+    return;
+  }
+  // byte offsets of 8 stored rows; one 64-bit gather reads the pair (k, k + 1) of each
+  const __m256i rows8 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(int32_t(ld * sizeof(float))));
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int q = 0; q < 4; ++q) {
+      const int64_t n0 = p * kPanel + 16 * q;
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, N - n0));
+      const __mmask8 m0 = left >= 8 ? __mmask8(0xFF) : __mmask8((1u << left) - 1u);
+      const __mmask8 m1 = left <= 8 ? __mmask8(0) : __mmask8((1u << (left - 8)) - 1u);
+      const char* base0 = reinterpret_cast<const char*>(b + (left > 0 ? n0 * ld : 0));
+      const char* base1 = reinterpret_cast<const char*>(b + (left > 8 ? (n0 + 8) * ld : 0));
+      for (int64_t k2 = 0; k2 < K2; ++k2) {
+        const int64_t off = 2 * k2 * int64_t(sizeof(float));
+        const __m512d g0 = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m0, rows8,
+                                                    base0 + off, 1);
+        const __m512d g1 = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m1, rows8,
+                                                    base1 + off, 1);
+        // g0 = [row 0: k, k + 1, row 1: k, k + 1, ...] as floats: converted in order, the
+        // bf16 pairs are the words of rows 0..7, then g1's of rows 8..15
+        const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(_mm512_castpd_ps(g1),
+                                                        _mm512_castpd_ps(g0));
+        _mm512_storeu_si512(out + (p * K2 + k2) * kPanel + 16 * q, w);
+      }
+    }
+  }
+}
+
 // C[0:MR, 0:cols] = alpha * sum_k2 A-words x B-panel + beta * C; the word of A for row i and
 // pair k2 is a[i * sa + k2 * sk].
 template <int MR>
@@ -154,8 +227,9 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_kernel(
 
 }  // namespace dot_detail
 
-// C = alpha * op(A) op(B) + beta * C for 2-D bf16 views with unit column stride and an fp32
-// C (the contract of gemm_bf16_f32 in bf16_gemm.h). The caller checks cpu_has_avx512_bf16().
+// C = alpha * op(A) op(B) + beta * C for 2-D views with unit column stride: A bf16, B bf16 or
+// fp32 (rounded to bf16 as it is packed), C fp32 (the contract of gemm_bf16_f32 in
+// bf16_gemm.h). The caller checks cpu_has_avx512_bf16().
 // A row-major A with an even K and even row stride is read in place; a transposed A is
 // packed pair-major (two stored rows interleaved); B always goes into panels.
 inline void gemm_bf16_f32_dot(const at::Tensor& A, bool trans_a, const at::Tensor& B,
@@ -165,7 +239,6 @@ inline void gemm_bf16_f32_dot(const at::Tensor& A, bool trans_a, const at::Tenso
   const int64_t K2 = (K + 1) / 2, panels = (N + kPanel - 1) / kPanel;
   auto ld = [](const at::Tensor& t) { return std::max<int64_t>(t.stride(0), t.size(1)); };
   const auto* a16 = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
-  const auto* b16 = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
   const int64_t lda = ld(A), ldb = ld(B);
   thread_local std::vector<uint32_t> ap, bp;
   const uint32_t* a = nullptr;
@@ -189,8 +262,15 @@ inline void gemm_bf16_f32_dot(const at::Tensor& A, bool trans_a, const at::Tenso
     a = ap.data(), sa = K2, sk = 1;
   }
   bp.resize(size_t(panels * K2 * kPanel));
-  if (trans_b) pack_b_cols(b16, ldb, K, N, bp.data());
-  else pack_b_rows(b16, ldb, K, N, bp.data());
+  if (B.scalar_type() == at::kFloat) {
+    const float* b32 = B.data_ptr<float>();
+    if (trans_b) pack_b_cols_f32(b32, ldb, K, N, bp.data());
+    else pack_b_rows_f32(b32, ldb, K, N, bp.data());
+  } else {
+    const auto* b16 = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
+    if (trans_b) pack_b_cols(b16, ldb, K, N, bp.data());
+    else pack_b_rows(b16, ldb, K, N, bp.data());
+  }
   float* c = C.data_ptr<float>();
   const int64_t ldc = ld(C);
   for (int64_t p = 0; p < panels; ++p) {

@@ -68,14 +68,21 @@ inline std::string bf16_gemm_backend() {
 
 inline bool bf16_gemm_enabled() { return bf16_gemm_backend() != "off"; }
 
+// Whether fp32 weights must be rounded to a bf16 copy for the products (MKL), or can go to
+// them as they are (the avx512_bf16 kernel rounds them while packing).
+inline bool weights_need_bf16_copy() { return bf16_gemm_backend() != "avx512_bf16"; }
+
 // C = alpha * op(A) op(B) + beta * C for 2-D views with unit column stride: A [M, K] (or [K, M]
-// with trans_a), B [K, N] (or [N, K] with trans_b), C [M, N] fp32.
+// with trans_a), B [K, N] (or [N, K] with trans_b), C [M, N] fp32. A and B bf16; on the
+// avx512_bf16 path B may be fp32 (weights_need_bf16_copy).
 inline void gemm_bf16_f32(const at::Tensor& A, bool trans_a, const at::Tensor& B, bool trans_b,
                           at::Tensor& C, float alpha, float beta) {
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-  TORCH_CHECK(A.scalar_type() == at::kBFloat16 && B.scalar_type() == at::kBFloat16 &&
-                  C.scalar_type() == at::kFloat,
-              "gemm_bf16_f32: bf16 operands and an fp32 result");
+  const bool dot = bf16_gemm_backend() == "avx512_bf16";
+  TORCH_CHECK(A.scalar_type() == at::kBFloat16 && C.scalar_type() == at::kFloat &&
+                  (B.scalar_type() == at::kBFloat16 || (dot && B.scalar_type() == at::kFloat)),
+              "gemm_bf16_f32: bf16 operands (B may be fp32 on the avx512_bf16 path) and an fp32 "
+              "result");
   TORCH_CHECK(A.stride(1) == 1 && B.stride(1) == 1 && C.stride(1) == 1,
               "gemm_bf16_f32: rows must be contiguous");
   const int64_t M = C.size(0), N = C.size(1), K = trans_a ? A.size(0) : A.size(1);
@@ -87,7 +94,7 @@ inline void gemm_bf16_f32(const at::Tensor& A, bool trans_a, const at::Tensor& B
     else if (beta != 1.0f) C.mul_(beta);
     return;
   }
-  if (bf16_gemm_backend() == "avx512_bf16") {
+  if (dot) {
     gemm_bf16_f32_dot(A, trans_a, B, trans_b, C, alpha, beta);
     return;
   }

@@ -17,12 +17,12 @@
 // an fp32 [V, H] buffer). Memory: O(V H + min(N H threads, 64 MiB) + tiles), never O(N V).
 //
 // bf16 hidden states: the tiles are fp32 either way. Where bf16 x bf16 -> fp32 products are
-// enabled (bf16_gemm.h: a CPU with AMX-BF16, or forced) the three products take bf16
-// operands — h, the weight rounded to bf16 once (bf16 or fp32 master weights), and dz rounded
-// to bf16 for dW and dh — and accumulate in fp32, like a GPU's tensor cores; elsewhere h is
-// widened to fp32 and the products run in fp32. MKL's bf16 product and ATen's brgemm were
-// measured at fp32 speed on an AVX512_BF16 CPU without AMX (Zen 4), and oneDNN's fast bf16 path
-// (at::mm) only writes bf16, which would round the logits: hence AMX only by default.
+// enabled (bf16_gemm.h: MKL on a CPU with AMX-BF16, our vdpbf16ps kernel on one with
+// AVX512-BF16, or forced) the three products take bf16 operands — h, the weight rounded to
+// bf16 (bf16 or fp32 master weights: MKL gets a bf16 copy, the vdpbf16ps kernel rounds while
+// packing), and dz rounded to bf16 for dW and dh — and accumulate in fp32, like a GPU's
+// tensor cores; elsewhere h is widened to fp32 and the products run in fp32. (oneDNN's fast
+// bf16 path, at::mm, only writes bf16, which would round the logits.)
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -65,9 +65,14 @@ struct LinearTiles {
 
   bool bf16_products() const { return gdt == at::kBFloat16 && cdt == at::kFloat; }
 
+  // The weight's rows v0..v1 for the products: in the GEMM dtype, except fp32 master weights
+  // on the avx512_bf16 path, which its kernel rounds while packing (no bf16 copy).
   at::Tensor weight_chunk(int64_t v0, int64_t v1) const {
     at::Tensor w = weight.slice(0, v0, v1);
-    return w.scalar_type() == gdt && w.is_contiguous() ? w : w.to(gdt).contiguous();
+    const bool keep_fp32 = bf16_products() && w.scalar_type() == at::kFloat &&
+                           !fastgfn_gemm::weights_need_bf16_copy();
+    if ((w.scalar_type() == gdt || keep_fp32) && w.is_contiguous()) return w;
+    return w.to(keep_fp32 ? at::kFloat : gdt).contiguous();
   }
 
   // C += op(A) op(B), C in the compute dtype, A and B in the GEMM dtype.
@@ -117,13 +122,17 @@ at::ScalarType gemm_dtype(const at::Tensor& hidden, at::ScalarType cdt) {
 }
 
 // `whole_weight`: convert the weight to the GEMM dtype once here (the forward reads every
-// chunk once per row tile) rather than chunk by chunk (the backward reads each chunk once).
+// chunk once per row tile) rather than chunk by chunk (the backward reads each chunk once);
+// not fp32 weights on the avx512_bf16 path, whose kernel rounds them while packing.
 LinearTiles make_tiles(const at::Tensor& hidden, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias,
                        const c10::optional<at::Tensor>& vocab_bias, const Params& P,
                        at::ScalarType cdt, bool whole_weight) {
   const at::ScalarType gdt = gemm_dtype(hidden, cdt);
-  at::Tensor w = whole_weight && weight.scalar_type() != gdt ? weight.to(gdt) : weight;
+  const bool convert = whole_weight && weight.scalar_type() != gdt &&
+                       !(gdt == at::kBFloat16 && weight.scalar_type() == at::kFloat &&
+                         !fastgfn_gemm::weights_need_bf16_copy());
+  at::Tensor w = convert ? weight.to(gdt) : weight;
   LinearTiles t{hidden.to(gdt).contiguous(), w, {}, {}, {}, P, cdt, gdt};
   const auto copts = hidden.options().dtype(cdt);
   if (vocab_bias.has_value()) t.beta = vocab_bias->to(cdt).contiguous();
