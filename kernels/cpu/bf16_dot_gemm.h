@@ -42,6 +42,22 @@ constexpr int kRows = 6;        // rows of C per micro-kernel call (24 accumulat
 
 typedef uint32_t word_alias __attribute__((may_alias, aligned(2)));  // two bf16, read as one
 
+// The lanes [0, left) of a 16-lane mask, left clamped to [0, 16].
+inline __mmask16 first_lanes16(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+}
+
+// The bf16 bits of a value: a bf16's own, an fp32 rounded to nearest even (as at::Tensor::to).
+inline uint32_t bf16_bits(uint16_t x) { return x; }
+inline uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }
+
+// The word (row[k], row[k + 1]) of a stored row, zero past K: the scalar packing of every
+// operand layout the vector paths do not take (odd K, unaligned rows).
+template <typename T>
+inline uint32_t pair_word(const T* row, int64_t k, int64_t K) {
+  return bf16_bits(row[k]) | (k + 1 < K ? bf16_bits(row[k + 1]) << 16 : 0u);
+}
+
 // dst[j] = (r0[j], r1[j]) as one word for j < n, r1 == nullptr reading as zeros: two rows of a
 // matrix interleaved, 32 columns per step (AVX512-BW word permutes).
 __attribute__((target("avx512f,avx512bw"))) inline void interleave_rows(
@@ -58,10 +74,10 @@ __attribute__((target("avx512f,avx512bw"))) inline void interleave_rows(
     const __mmask32 m = left == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1u);
     const __m512i a = _mm512_maskz_loadu_epi16(m, r0 + j);
     const __m512i b = r1 == nullptr ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(m, r1 + j);
-    const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-    const __mmask16 m1 = left <= 16 ? __mmask16(0) : __mmask16((1u << (left - 16)) - 1u);
-    _mm512_mask_storeu_epi32(dst + j, m0, _mm512_permutex2var_epi16(a, lo, b));
-    _mm512_mask_storeu_epi32(dst + j + 16, m1, _mm512_permutex2var_epi16(a, hi, b));
+    _mm512_mask_storeu_epi32(dst + j, first_lanes16(left),
+                             _mm512_permutex2var_epi16(a, lo, b));
+    _mm512_mask_storeu_epi32(dst + j + 16, first_lanes16(left - 16),
+                             _mm512_permutex2var_epi16(a, hi, b));
   }
 }
 
@@ -80,6 +96,18 @@ inline void pack_b_rows(const uint16_t* b, int64_t ld, int64_t K, int64_t N, uin
   }
 }
 
+// The panels of pack_b_cols below, one word at a time, from bf16 or fp32 B stored [N, K].
+template <typename T>
+inline void pack_b_cols_scalar(const T* b, int64_t ld, int64_t K, int64_t N, uint32_t* out) {
+  const int64_t K2 = (K + 1) / 2, panels = (N + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t k2 = 0; k2 < K2; ++k2)
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t n = p * kPanel + j;
+        out[(p * K2 + k2) * kPanel + j] = n < N ? pair_word(b + n * ld, 2 * k2, K) : 0u;
+      }
+}
+
 // The same panels from B stored transposed, [N, K] (ld >= K): a word of B's pair k2 at column
 // n is the word k2 of stored row n, so each panel row gathers 16 words from 16 stored rows.
 __attribute__((target("avx512f"))) inline void pack_b_cols(const uint16_t* b, int64_t ld,
@@ -88,14 +116,7 @@ __attribute__((target("avx512f"))) inline void pack_b_cols(const uint16_t* b, in
   const int64_t K2 = (K + 1) / 2, panels = (N + kPanel - 1) / kPanel;
   if (K % 2 != 0 || ld % 2 != 0 || (reinterpret_cast<uintptr_t>(b) & 3u) != 0 ||
       N * (ld / 2) > INT32_MAX) {
-    for (int64_t p = 0; p < panels; ++p)  // plain copy: odd K, or rows not word-aligned
-      for (int64_t k2 = 0; k2 < K2; ++k2)
-        for (int64_t j = 0; j < kPanel; ++j) {
-          const int64_t n = p * kPanel + j, k = 2 * k2;
-          uint32_t w = 0;
-          if (n < N) w = uint32_t(b[n * ld + k]) | (k + 1 < K ? uint32_t(b[n * ld + k + 1]) << 16 : 0u);
-          out[(p * K2 + k2) * kPanel + j] = w;
-        }
+    pack_b_cols_scalar(b, ld, K, N, out);  // odd K, or rows not word-aligned
     return;
   }
   const int32_t ldw = int32_t(ld / 2);
@@ -104,7 +125,7 @@ __attribute__((target("avx512f"))) inline void pack_b_cols(const uint16_t* b, in
     for (int q = 0; q < 4; ++q) {
       const int64_t n0 = p * kPanel + 16 * q;
       const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, N - n0));
-      const __mmask16 m = left == 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+      const __mmask16 m = first_lanes16(left);
       const __m512i rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(ldw));
       const int* base = reinterpret_cast<const int*>(b) + (left > 0 ? n0 * ldw : 0);
       for (int64_t k2 = 0; k2 < K2; ++k2) {
@@ -118,8 +139,6 @@ __attribute__((target("avx512f"))) inline void pack_b_cols(const uint16_t* b, in
 
 // The two packers above for an fp32 B (fp32 master weights), rounding to bf16 (to nearest
 // even, as at::Tensor::to does) while packing instead of through a bf16 copy of B.
-inline uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }
-
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_b_rows_f32(
     const float* b, int64_t ld, int64_t K, int64_t N, uint32_t* out) {
   alignas(64) static const uint16_t pairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
@@ -134,8 +153,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_b_rows_f
       const float* r0 = b + 2 * k2 * ld + n0;
       const float* r1 = 2 * k2 + 1 < K ? r0 + ld : nullptr;
       for (int64_t j = 0; j < kPanel; j += 16) {
-        const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, nn - j));
-        const __mmask16 m = left == 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+        const __mmask16 m = first_lanes16(nn - j);
         const __m512 lo = _mm512_maskz_loadu_ps(m, r0 + j);
         const __m512 hi = r1 == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, r1 + j);
         // [bf16(lo) x 16, bf16(hi) x 16] -> (lo_j, hi_j) words
@@ -150,14 +168,7 @@ __attribute__((target("avx512f,avx512bf16"))) inline void pack_b_cols_f32(
     const float* b, int64_t ld, int64_t K, int64_t N, uint32_t* out) {
   const int64_t K2 = (K + 1) / 2, panels = (N + kPanel - 1) / kPanel;
   if (K % 2 != 0 || N * ld * int64_t(sizeof(float)) > INT32_MAX) {
-    for (int64_t p = 0; p < panels; ++p)  // plain copy: odd K, or offsets past int32
-      for (int64_t k2 = 0; k2 < K2; ++k2)
-        for (int64_t j = 0; j < kPanel; ++j) {
-          const int64_t n = p * kPanel + j, k = 2 * k2;
-          uint32_t w = 0;
-          if (n < N) w = bf16_bits(b[n * ld + k]) | (k + 1 < K ? bf16_bits(b[n * ld + k + 1]) << 16 : 0u);
-          out[(p * K2 + k2) * kPanel + j] = w;
-        }
+    pack_b_cols_scalar(b, ld, K, N, out);  // odd K, or offsets past int32
     return;
   }
   // byte offsets of 8 stored rows; one 64-bit gather reads the pair (k, k + 1) of each
@@ -167,8 +178,8 @@ __attribute__((target("avx512f,avx512bf16"))) inline void pack_b_cols_f32(
     for (int q = 0; q < 4; ++q) {
       const int64_t n0 = p * kPanel + 16 * q;
       const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, N - n0));
-      const __mmask8 m0 = left >= 8 ? __mmask8(0xFF) : __mmask8((1u << left) - 1u);
-      const __mmask8 m1 = left <= 8 ? __mmask8(0) : __mmask8((1u << (left - 8)) - 1u);
+      const __mmask16 m = first_lanes16(left);  // rows 0..7 in m0, rows 8..15 in m1
+      const __mmask8 m0 = __mmask8(m & 0xFFu), m1 = __mmask8(m >> 8);
       const char* base0 = reinterpret_cast<const char*>(b + (left > 0 ? n0 * ld : 0));
       const char* base1 = reinterpret_cast<const char*>(b + (left > 8 ? (n0 + 8) * ld : 0));
       for (int64_t k2 = 0; k2 < K2; ++k2) {
@@ -215,9 +226,8 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_kernel(
   for (int i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
     for (int j = 0; j < 4; ++j) {
-      const int64_t left = cols - 16 * j;
-      if (left <= 0) break;
-      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+      if (cols <= 16 * j) break;
+      const __mmask16 mask = first_lanes16(cols - 16 * j);
       __m512 r = _mm512_mul_ps(va, acc[i][j]);
       if (beta != 0.0f) r = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask, ci + 16 * j), r);
       _mm512_mask_storeu_ps(ci + 16 * j, mask, r);
@@ -254,11 +264,7 @@ inline void gemm_bf16_f32_dot(const at::Tensor& A, bool trans_a, const at::Tenso
   } else {  // odd K or an odd row stride: copy the rows into words, zero past K
     ap.resize(size_t(M * K2));
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t k2 = 0; k2 < K2; ++k2) {
-        const int64_t k = 2 * k2;
-        ap[m * K2 + k2] = uint32_t(a16[m * lda + k]) |
-                          (k + 1 < K ? uint32_t(a16[m * lda + k + 1]) << 16 : 0u);
-      }
+      for (int64_t k2 = 0; k2 < K2; ++k2) ap[m * K2 + k2] = pair_word(a16 + m * lda, 2 * k2, K);
     a = ap.data(), sa = K2, sk = 1;
   }
   bp.resize(size_t(panels * K2 * kPanel));

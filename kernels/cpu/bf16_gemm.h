@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "bf16_dot_gemm.h"
@@ -47,30 +46,41 @@ inline bool cpu_has_amx_bf16() {
 
 inline bool mkl_bf16_gemm_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
 
-// "off", "mkl" or "avx512_bf16": how bf16 x bf16 -> fp32 products run now (see the top).
-inline std::string bf16_gemm_backend() {
+// How bf16 x bf16 -> fp32 products run now (see the top).
+enum class Bf16Gemm { off, mkl, avx512_bf16 };
+
+inline Bf16Gemm bf16_gemm_backend() {
   static const bool amx = cpu_has_amx_bf16();
   const bool dot = cpu_has_avx512_bf16(), mkl = mkl_bf16_gemm_available();
   const char* env = std::getenv("FASTGFN_CPU_BF16_GEMM");
   const std::string want = env == nullptr ? "" : env;
-  if (want == "0") return "off";
-  if (want == "mkl") return mkl ? "mkl" : "off";
+  if (want == "0") return Bf16Gemm::off;
+  if (want == "mkl") return mkl ? Bf16Gemm::mkl : Bf16Gemm::off;
   if (want == "avx512_bf16") {
     TORCH_CHECK(dot, "FASTGFN_CPU_BF16_GEMM=avx512_bf16: this CPU has no AVX512-BF16");
-    return "avx512_bf16";
+    return Bf16Gemm::avx512_bf16;
   }
   TORCH_CHECK(want.empty() || want == "1",
               "FASTGFN_CPU_BF16_GEMM must be 0, 1, mkl or avx512_bf16, got '", want, "'");
-  if (amx && mkl) return "mkl";
-  if (dot) return "avx512_bf16";
-  return want == "1" && mkl ? "mkl" : "off";
+  if (amx && mkl) return Bf16Gemm::mkl;
+  if (dot) return Bf16Gemm::avx512_bf16;
+  return want == "1" && mkl ? Bf16Gemm::mkl : Bf16Gemm::off;
 }
 
-inline bool bf16_gemm_enabled() { return bf16_gemm_backend() != "off"; }
+// "off", "mkl" or "avx512_bf16" (the op fastgfn_cpu::bf16_gemm_backend).
+inline std::string bf16_gemm_backend_name() {
+  switch (bf16_gemm_backend()) {
+    case Bf16Gemm::mkl: return "mkl";
+    case Bf16Gemm::avx512_bf16: return "avx512_bf16";
+    default: return "off";
+  }
+}
+
+inline bool bf16_gemm_enabled() { return bf16_gemm_backend() != Bf16Gemm::off; }
 
 // Whether fp32 weights must be rounded to a bf16 copy for the products (MKL), or can go to
 // them as they are (the avx512_bf16 kernel rounds them while packing).
-inline bool weights_need_bf16_copy() { return bf16_gemm_backend() != "avx512_bf16"; }
+inline bool weights_need_bf16_copy() { return bf16_gemm_backend() != Bf16Gemm::avx512_bf16; }
 
 // C = alpha * op(A) op(B) + beta * C for 2-D views with unit column stride: A [M, K] (or [K, M]
 // with trans_a), B [K, N] (or [N, K] with trans_b), C [M, N] fp32. A and B bf16; on the
@@ -78,7 +88,7 @@ inline bool weights_need_bf16_copy() { return bf16_gemm_backend() != "avx512_bf1
 inline void gemm_bf16_f32(const at::Tensor& A, bool trans_a, const at::Tensor& B, bool trans_b,
                           at::Tensor& C, float alpha, float beta) {
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-  const bool dot = bf16_gemm_backend() == "avx512_bf16";
+  const bool dot = bf16_gemm_backend() == Bf16Gemm::avx512_bf16;
   TORCH_CHECK(A.scalar_type() == at::kBFloat16 && C.scalar_type() == at::kFloat &&
                   (B.scalar_type() == at::kBFloat16 || (dot && B.scalar_type() == at::kFloat)),
               "gemm_bf16_f32: bf16 operands (B may be fp32 on the avx512_bf16 path) and an fp32 "

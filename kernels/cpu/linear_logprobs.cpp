@@ -305,7 +305,7 @@ TORCH_LIBRARY_FRAGMENT(fastgfn_cpu, m) {
 // How the bf16 x bf16 -> fp32 products run on this CPU now: "off", "mkl" or "avx512_bf16"
 // (bf16_gemm.h). No tensor arguments, so one kernel for every dispatch key.
 TORCH_LIBRARY_FRAGMENT(fastgfn_cpu, m) {
-  m.def("bf16_gemm_backend() -> str", [] { return fastgfn_gemm::bf16_gemm_backend(); });
+  m.def("bf16_gemm_backend() -> str", [] { return fastgfn_gemm::bf16_gemm_backend_name(); });
 }
 
 TORCH_LIBRARY_IMPL(fastgfn_cpu, CPU, m) {
