@@ -28,6 +28,7 @@ import torch
 from fastgfn.lm_logprobs import gfn_logprobs_from_hidden
 from fastgfn.trainer.model.cpu_attention import teacher_forced_attention
 from fastgfn.trainer.model.kv_cache import cache_kwarg, expand_cache, output_cache
+from fastgfn.trainer.model.lean_modules import lean_teacher_forced_layers
 
 
 def hidden_states(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, *,
@@ -37,12 +38,13 @@ def hidden_states(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, *,
     decoder = model.get_decoder()
     B, T = tokens.shape
     P = prompt_ids.shape[0]
-    with teacher_forced_attention(model, 1, P, P):
-        out = decoder(input_ids=prompt_ids[None], use_cache=True)
-    h0 = out.last_hidden_state[:, -1:]  # [1, 1, H]: state s_0
-    cache = expand_cache(output_cache(out), B)
-    with teacher_forced_attention(model, B, T, P + T):
-        out = decoder(input_ids=tokens, use_cache=True, **{cache_kwarg(model): cache})
+    with lean_teacher_forced_layers(model):  # keeps less for the backward, same values
+        with teacher_forced_attention(model, 1, P, P):
+            out = decoder(input_ids=prompt_ids[None], use_cache=True)
+        h0 = out.last_hidden_state[:, -1:]  # [1, 1, H]: state s_0
+        cache = expand_cache(output_cache(out), B)
+        with teacher_forced_attention(model, B, T, P + T):
+            out = decoder(input_ids=tokens, use_cache=True, **{cache_kwarg(model): cache})
     h = torch.cat([h0.expand(B, 1, h0.shape[-1]), out.last_hidden_state], dim=1)
     return (h, output_cache(out)) if return_cache else h
 
