@@ -276,3 +276,23 @@ def test_only_transformers_own_modules_are_swapped(monkeypatch):
     with lean_modules.lean_teacher_forced_layers(model):
         pass
     assert hooked.__dict__["forward"] is not marker and "forward" in hooked.__dict__
+
+
+def test_saved_tensors_bench_counts_less_with_the_lean_layers(monkeypatch):
+    """bench/saved_tensors.py's accounting on a tiny Llama: the lean layers keep less, and
+    the hooks it installs are gone afterwards."""
+    from bench.saved_tensors import saved_by_module
+
+    model = _tiny("llama")
+    gen = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, 61, (5,), generator=gen)
+    tokens = torch.randint(0, 61, (4, 6), generator=gen)
+    totals = {}
+    for lean in ("1", "0"):
+        monkeypatch.setenv("FASTGFN_LEAN_LAYERS", lean)
+        for precision in ("no", "bf16"):
+            groups = saved_by_module(model, prompt, tokens, 3, precision)
+            totals[lean, precision] = sum(v[0] for v in groups.values())
+    for precision in ("no", "bf16"):
+        assert 0 < totals["1", precision] < totals["0", precision], totals
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
