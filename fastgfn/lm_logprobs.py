@@ -64,11 +64,11 @@ def output_layer_spec(model) -> dict:
     }
 
 
-def _head_matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the fused head's products take their hidden states in: the weight's, or under
-    ``torch.autocast`` on hidden's device the autocast dtype for fp32 (master) weights, as the
-    module's own ``F.linear`` would; the weight then stays fp32 and is rounded inside the op,
-    and its gradient comes back fp32."""
+def autocast_matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a product of ``hidden`` with ``weight`` takes its operands in: the weight's,
+    or under ``torch.autocast`` on hidden's device the autocast dtype for fp32 (master)
+    weights, as ``F.linear`` would. The fused head then keeps the weight fp32 and rounds it
+    inside the op, so its gradient comes back fp32 (the lean layers do the same)."""
     device = hidden.device.type
     if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
@@ -108,7 +108,7 @@ def lm_head_logprobs(
         if spec["scale"] != 1.0:
             logits = logits * spec["scale"]
         return token_logprobs(logits, target, extra_ids, **options)
-    hidden = hidden.to(_head_matmul_dtype(hidden, weight))
+    hidden = hidden.to(autocast_matmul_dtype(hidden, weight))
     if spec["scale"] != 1.0:  # s (h W^T + b) = (s h) W^T + s b: scale the small operands
         hidden = hidden * spec["scale"]
         bias = bias * spec["scale"] if bias is not None else None

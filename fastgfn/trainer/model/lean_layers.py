@@ -32,14 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype a linear layer's product runs in here: autocast's for fp32 weights under
-    ``torch.autocast`` on x's device, else the weight's."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and weight.dtype == torch.float32:
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
+from fastgfn.lm_logprobs import autocast_matmul_dtype
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -115,7 +108,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            ) -> torch.Tensor:
     """``F.linear`` that, under autocast, keeps the fp32 weight for the backward (and rounds
     it again there) instead of autocast's rounded copy; plain ``F.linear`` otherwise."""
-    dtype = matmul_dtype(x, weight)
+    dtype = autocast_matmul_dtype(x, weight)
     if dtype == weight.dtype:
         return F.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias, dtype)
@@ -156,4 +149,4 @@ def swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                w_down: torch.Tensor) -> torch.Tensor:
     """``(silu(x Wg^T) * (x Wu^T)) Wd^T`` (no biases), keeping x and the two projections for
     the backward (see the module's text)."""
-    return _SwiGLU.apply(x, w_gate, w_up, w_down, matmul_dtype(x, w_gate))
+    return _SwiGLU.apply(x, w_gate, w_up, w_down, autocast_matmul_dtype(x, w_gate))

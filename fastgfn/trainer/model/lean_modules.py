@@ -22,6 +22,7 @@ import os
 import torch
 from torch import nn
 
+from fastgfn.lm_logprobs import autocast_matmul_dtype
 from fastgfn.trainer.model.lean_layers import linear, rms_norm, swiglu_mlp
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -54,10 +55,8 @@ def _checkpointing(model) -> bool:
 
 def _norm_forward(norm):
     def forward(hidden_states):
-        device = hidden_states.device.type
-        out_dtype = None
-        if torch.is_autocast_enabled(device) and norm.weight.dtype == torch.float32:
-            out_dtype = torch.get_autocast_dtype(device)  # what the linears it feeds take
+        dtype = autocast_matmul_dtype(hidden_states, norm.weight)  # what its linears take
+        out_dtype = None if dtype == norm.weight.dtype else dtype
         return rms_norm(hidden_states, norm.weight, norm.variance_epsilon, out_dtype)
     return forward
 
